@@ -1,0 +1,75 @@
+"""ckpt_compile: activation checkpointing for PyTorch.
+
+A drop-in replacement for ``torch.utils.checkpoint`` (swap the import), module wrappers
+(``checkpoint_wrapper``, ``offload_wrapper``, ``apply_activation_checkpointing``), a
+composable ``ckpt_compile.composable.checkpoint(module)``, and a ``torch.compile`` backend
+``backend="ckpt"`` whose saved-versus-recomputed decision is a networkx min-cut
+(``ckpt_compile.passes``).
+
+>>> import torch, ckpt_compile as cc
+>>> x = torch.randn(4, 4, requires_grad=True)
+>>> y = cc.checkpoint(torch.sin, x, use_reentrant=False)
+>>> y.sum().backward()
+>>> torch.equal(x.grad, torch.cos(x.detach()))
+True
+"""
+from __future__ import annotations
+
+import importlib
+
+from ckpt_compile._checkpoint import checkpoint, checkpoint_sequential
+from ckpt_compile._common import (
+    CheckpointError,
+    GraphExecGroup,
+    noop_context_fn,
+    set_checkpoint_debug_enabled,
+    set_checkpoint_early_stop,
+)
+from ckpt_compile._device_state import DefaultDeviceType
+from ckpt_compile._selective import (
+    CheckpointPolicy,
+    SelectiveCheckpointContext,
+    create_selective_checkpoint_contexts,
+)
+
+# Names whose modules import heavier parts of torch (distributed, inductor) are loaded on
+# first use, so `import ckpt_compile` stays cheap and never fails on an optional piece.
+_LAZY = {
+    "CheckpointImpl": "ckpt_compile.wrappers",
+    "ActivationWrapper": "ckpt_compile.wrappers",
+    "CheckpointWrapper": "ckpt_compile.wrappers",
+    "OffloadWrapper": "ckpt_compile.wrappers",
+    "checkpoint_wrapper": "ckpt_compile.wrappers",
+    "offload_wrapper": "ckpt_compile.wrappers",
+    "apply_activation_checkpointing": "ckpt_compile.wrappers",
+    "backend": "ckpt_compile._backend",
+    "explain": "ckpt_compile._explain",
+}
+
+__all__ = [
+    "checkpoint",
+    "checkpoint_sequential",
+    "CheckpointPolicy",
+    "SelectiveCheckpointContext",
+    "create_selective_checkpoint_contexts",
+    "set_checkpoint_early_stop",
+    "set_checkpoint_debug_enabled",
+    "CheckpointError",
+    "DefaultDeviceType",
+    "noop_context_fn",
+    "GraphExecGroup",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckpt_compile' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
