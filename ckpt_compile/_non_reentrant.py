@@ -1,0 +1,259 @@
+"""Non-reentrant checkpointing, built on ``torch.autograd.graph.saved_tensors_hooks``.
+
+The forward runs normally (with grad), but every tensor autograd wants to save is replaced
+by a small :class:`_Slot`. The first time the backward unpacks a slot of a region, the
+region is recomputed under a second pack hook that drops each recomputed tensor into its
+slot (and stops as soon as the last one is filled, "early stop"). Each slot hands its
+tensor out exactly once and forgets it: recomputed tensors are freed as soon as they are
+used.
+
+A backward call is identified by its graph task id, or by the enclosing
+:class:`GraphExecGroup`; a second backward (``retain_graph=True``) recomputes again.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch._C._autograd import SavedTensor, _make_saved_tensor
+
+from ckpt_compile._common import CheckpointError, _run_fn_with_dynamo_disabled
+from ckpt_compile._device_state import _ReplayState
+
+_DEBUG_TIP = (
+    "Tip: pass debug=True to ckpt_compile.checkpoint(...) or wrap the code in "
+    "`with ckpt_compile.set_checkpoint_debug_enabled(True):` to see the operators of the "
+    "original forward and of the recomputation side by side."
+)
+_CONSUMED = object()
+
+
+def _tensor_metadata(x: torch.Tensor) -> tuple:
+    return (x.shape, x.dtype, x.device)
+
+
+def _no_metadata(x: torch.Tensor) -> None:
+    return None
+
+
+_DETERMINISM_CHECKS: dict[str, Callable[[torch.Tensor], Any]] = {
+    "default": _tensor_metadata,
+    "none": _no_metadata,
+}
+
+
+class _StopRecomputation(Exception):
+    """Raised by the recomputation's pack hook once every saved tensor is back (early stop)."""
+
+
+class _Slot:
+    """Stands in for one saved tensor; holds its recomputed value per backward call."""
+
+    __slots__ = ("index", "by_call", "__weakref__")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.by_call: dict[Any, Any] = {}
+
+
+class _Frame:
+    """The state of one checkpointed region between its forward and its backward."""
+
+    __slots__ = (
+        "run", "inputs", "slots", "metadata", "metadata_fn", "early_stop", "on_error",
+        "recomputed_for", "forward_completed", "ignore_count_mismatch",
+    )
+
+    def __init__(self, run: Callable, metadata_fn, early_stop: bool, on_error) -> None:
+        self.run = run
+        self.inputs: list[Any] = []
+        self.slots: list[weakref.ref] = []
+        self.metadata: list[Any] = []
+        self.metadata_fn = metadata_fn
+        self.early_stop = early_stop
+        self.on_error = on_error
+        self.recomputed_for: set = set()
+        self.forward_completed = False
+        self.ignore_count_mismatch = False
+
+    def save_inputs(self, args: tuple) -> None:
+        # SavedTensor keeps autograd's version check: an input modified in place before
+        # the backward is reported exactly as autograd reports it for ordinary ops.
+        self.inputs = [_make_saved_tensor(a, is_output=False) if isinstance(a, torch.Tensor) else a for a in args]
+
+    # -- forward ---------------------------------------------------------------------
+    def pack(self, x: torch.Tensor) -> _Slot:
+        slot = _Slot(len(self.slots))
+        self.slots.append(weakref.ref(slot))
+        if self.metadata_fn is not _no_metadata:
+            self.metadata.append(self.metadata_fn(x))
+        return slot
+
+    # -- backward --------------------------------------------------------------------
+    def unpack(self, slot: _Slot) -> torch.Tensor:
+        call = torch._C._get_graph_exec_group()
+        if call is None:
+            call = torch._C._current_graph_task_id()
+            if call == -1:  # unpacked outside any backward: a one-off recomputation
+                call = object()
+        if call not in self.recomputed_for:
+            self._recompute(call)
+        value = slot.by_call.get(call, _CONSUMED)
+        if value is _CONSUMED:
+            group = ""
+            if torch._C._get_graph_exec_group() is not None:
+                group = (
+                    "Performing two backward calls that overlap (i.e. require the same saved "
+                    "activation in order to compute gradients) is not allowed while under the "
+                    "GraphExecGroup context. "
+                )
+            raise CheckpointError(
+                "ckpt_compile.checkpoint: Unpack is being triggered for a tensor that was already "
+                f"unpacked once. {group}If you are calling ctx.saved_tensors in backward, make sure "
+                "to do so only once."
+            )
+        slot.by_call[call] = _CONSUMED  # hand it out once, then let it go
+        return value
+
+    def _recompute(self, call: Any) -> None:
+        expected = len(self.slots)
+        count = 0
+        mismatches: list[str] = []
+
+        def pack_recomputed(x: torch.Tensor) -> torch.Tensor:
+            nonlocal count
+            index = count
+            count += 1
+            x = x.detach() if x.requires_grad else x
+            if index >= expected:
+                if not self.forward_completed:
+                    # A backward inside the region's own forward: more tensors are saved
+                    # than the forward had saved so far, and that is fine.
+                    self.ignore_count_mismatch = True
+                    return x
+                raise CheckpointError(
+                    "ckpt_compile.checkpoint: trying to save more tensors during recomputation "
+                    f"than during the original forward pass (the forward saved {expected}).\n{_DEBUG_TIP}"
+                )
+            slot = self.slots[index]()
+            if slot is not None:
+                slot.by_call[call] = x
+            if self.metadata:
+                before = self.metadata[index]
+                after = self.metadata_fn(x)
+                if before != after:
+                    mismatches.append(_describe_mismatch(index, before, after))
+            if self.early_stop and count == expected:
+                raise _StopRecomputation
+            return x
+
+        args = [a.unpack() if isinstance(a, SavedTensor) else a for a in self.inputs]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack_recomputed, _identity), torch.enable_grad():
+                _run_fn_with_dynamo_disabled(self.run, *args)
+        except _StopRecomputation:
+            pass
+        self.recomputed_for.add(call)
+        if count != expected and not self.ignore_count_mismatch:
+            raise CheckpointError(
+                "ckpt_compile.checkpoint: A different number of tensors was saved during the "
+                "original forward and recomputation.\n"
+                f"Number of tensors saved during forward: {expected}\n"
+                f"Number of tensors saved during recomputation: {count}.\n{_DEBUG_TIP}"
+            )
+        if mismatches:
+            raise CheckpointError(
+                "ckpt_compile.checkpoint: Recomputed values for the following tensors have "
+                "different metadata than during the forward pass.\n"
+                + "".join(mismatches) + _DEBUG_TIP
+            )
+
+
+def _identity(x):
+    return x
+
+
+def _describe_mismatch(index: int, before: tuple, after: tuple) -> str:
+    names = ("shape", "dtype", "device")
+    diffs = [f"{name} {a} -> {b}" for name, a, b in zip(names, before, after) if a != b]
+    return (
+        f"tensor at position {index} (the {index + 1}th tensor saved for backward):\n"
+        f"saved metadata: shape={before[0]}, dtype={before[1]}, device={before[2]}\n"
+        f"recomputed metadata: shape={after[0]}, dtype={after[1]}, device={after[2]}\n"
+        f"differs in: {'; '.join(diffs)}\n"
+    )
+
+
+def _install_hooks(frame: _Frame):
+    """The forward's hooks; a closure over the frame only (autograd keeps the unpack hook)."""
+    on_error = frame.on_error
+    if on_error is None:
+        return torch.autograd.graph.saved_tensors_hooks(frame.pack, frame.unpack)
+
+    def unpack_reporting(slot: _Slot) -> torch.Tensor:
+        try:
+            return frame.unpack(slot)
+        except CheckpointError as e:
+            on_error(e)
+
+    return torch.autograd.graph.saved_tensors_hooks(frame.pack, unpack_reporting)
+
+
+def _checkpoint_non_reentrant(
+    function: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    preserve_rng_state: bool,
+    context_fn: Callable,
+    determinism_check: str,
+    debug: bool,
+    early_stop: bool,
+):
+    from ckpt_compile._common import _Switches, noop_context_fn
+
+    on_error = None
+    if _Switches.debug if _Switches.debug is not None else debug:
+        if context_fn is not noop_context_fn:
+            raise ValueError("debug=True is incompatible with non-default context_fn")
+        from ckpt_compile._debug import _DebugTraces
+
+        traces = _DebugTraces()
+        context_fn, on_error = traces.contexts, traces.raise_with_traces
+    metadata_fn = _DETERMINISM_CHECKS.get(determinism_check)
+    if metadata_fn is None:
+        raise ValueError(
+            f"determinism_check should be one of {list(_DETERMINISM_CHECKS)}, but got {determinism_check!r}"
+        )
+    if not torch.is_grad_enabled():
+        # Nothing will be saved for backward: there is nothing to checkpoint.
+        return function(*args, **kwargs)
+
+    forward_context, recompute_context = context_fn()
+    state = _ReplayState.capture(args, preserve_rng_state)
+
+    def run(*inputs):
+        with state.replay(recompute_context):
+            function(*inputs, **kwargs)
+
+    frame = _Frame(
+        run,
+        metadata_fn,
+        _Switches.early_stop if _Switches.early_stop is not None else early_stop,
+        on_error,
+    )
+    frame.save_inputs(args)
+    completed = False
+    with _install_hooks(frame), forward_context:
+        out = function(*args, **kwargs)
+        completed = True
+    if not completed:  # the forward raised and forward_context swallowed the exception
+        raise RuntimeError(
+            "ckpt_compile.checkpoint: the forward context provided by context_fn suppressed "
+            "an exception raised during the checkpointed forward. This is not supported "
+            "because checkpoint cannot return a value for a failed forward."
+        )
+    frame.forward_completed = True
+    state.check_no_device_init_in_forward()
+    return out

@@ -1,0 +1,259 @@
+"""Selective activation checkpointing: a policy decides, per operator, save or recompute.
+
+``create_selective_checkpoint_contexts(policy)`` returns two dispatch modes, used as
+``context_fn`` of a non-reentrant checkpoint: the first runs in the forward and caches the
+outputs of the operators the policy saves; the second runs in the recomputation and hands
+those cached outputs back instead of recomputing them. ``CheckpointPolicy`` is torch's own
+enum object, so policies written for ``torch.utils.checkpoint`` work unchanged.
+
+Unlike PyTorch 2.13, which treats ``MUST_CPU_OFFLOAD`` / ``PREFER_CPU_OFFLOAD`` as
+recompute in eager mode, we really offload: the output is copied to CPU (pinned memory when
+it lives on CUDA) in the forward and copied back to its device when the recomputation
+needs it, so the operator is not rerun.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+import torch.fx.traceback as fx_traceback
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import CheckpointPolicy
+
+__all__ = ["CheckpointPolicy", "SelectiveCheckpointContext", "create_selective_checkpoint_contexts"]
+
+_SAVE = frozenset({CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE})
+_OFFLOAD = frozenset(
+    getattr(CheckpointPolicy, name)
+    for name in ("MUST_CPU_OFFLOAD", "PREFER_CPU_OFFLOAD")
+    if hasattr(CheckpointPolicy, name)
+)
+_RECOMPUTE_POLICIES = frozenset({CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE})
+
+
+def _ignored_ops() -> frozenset:
+    # Checkpointing inserts a different number of detaches in the forward and the
+    # recomputation, and the determinism check runs extra metadata ops: caching any of
+    # them would shift the per-operator call counters.
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return frozenset(
+        {torch.ops.aten.detach.default, torch.ops.prim.device.default, *FunctionalTensor.metadata_fns}
+    )
+
+
+_IGNORED_OPS = _ignored_ops()
+_RECOMPUTE = object()
+_CONSUMED = object()
+
+
+class SelectiveCheckpointContext:
+    """What a selective-checkpoint policy function receives as its first argument.
+
+    ``is_recompute`` is ``False`` in the forward (the only time the policy is asked), and
+    ``op_output`` is the operator's output there.
+    """
+
+    def __init__(self, *, is_recompute: bool, op_output: Any = None) -> None:
+        self.is_recompute = is_recompute
+        self.op_output = op_output
+
+
+def _detach_keeping_version(x: Any) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    # Detach beneath autograd so that a view keeps sharing its base's version counter
+    # (mutation detection) and the cached tensor holds no autograd graph (no cycles).
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False):
+        return x.detach()
+
+
+class _Cached:
+    """One cached operator output: kept as is, or offloaded to CPU."""
+
+    __slots__ = ("value", "version", "device")
+
+    def __init__(self, value: torch.Tensor, offload: bool) -> None:
+        self.device = None
+        if offload and value.device.type != "cpu":
+            self.device = value.device
+            host = torch.empty_strided(
+                value.size(), value.stride(), dtype=value.dtype, device="cpu",
+                pin_memory=value.device.type == "cuda",
+            )
+            value = host.copy_(value, non_blocking=True)
+            self.version = None  # a private copy: later mutations of the source cannot reach it
+        else:
+            value = _detach_keeping_version(value)
+            self.version = value._version
+        self.value = value
+
+    def get(self, func, allow_mutation: bool) -> torch.Tensor:
+        if self.device is not None:
+            return self.value.to(self.device, non_blocking=True)
+        if self.version is not None and not allow_mutation and self.value._version != self.version:
+            raise RuntimeError(
+                "Tensor cached during selective activation checkpoint has been mutated "
+                f"(an output of {func} was modified in place after it was cached). Avoid the "
+                "in-place operation, or pass allow_cache_entry_mutation=True to "
+                "create_selective_checkpoint_contexts to accept the mutated value."
+            )
+        return self.value
+
+
+def _is_tracing() -> bool:
+    # Under AOTAutograd / make_fx tracing a proxy mode is active: the policy becomes a
+    # node tag for the compiler's partitioner instead of an eager cache decision.
+    if torch.compiler._is_non_strict_tracing():
+        return False
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+
+
+def _as_policy(value: Any, func) -> CheckpointPolicy:
+    if isinstance(value, CheckpointPolicy):
+        return value
+    if isinstance(value, bool):  # PyTorch's older boolean policies: True means save
+        return CheckpointPolicy.MUST_SAVE if value else CheckpointPolicy.PREFER_RECOMPUTE
+    raise TypeError(
+        f"selective checkpoint policy returned {value!r} for {func}; expected a "
+        "CheckpointPolicy member (MUST_SAVE, PREFER_SAVE, MUST_RECOMPUTE, PREFER_RECOMPUTE, "
+        "MUST_CPU_OFFLOAD, PREFER_CPU_OFFLOAD) or a bool."
+    )
+
+
+class _SaveMode(TorchDispatchMode):
+    """Forward half: asks the policy about each operator and caches what it saves."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __init__(self, policy_fn: Callable, storage: dict, ac_graph_id: int | None = None) -> None:
+        super().__init__()
+        self.policy_fn = policy_fn
+        self.storage = storage
+        self.ac_graph_id = ac_graph_id  # set by torch's checkpoint HOP under torch.compile
+        self.calls: dict = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tracing = _is_tracing()
+        if tracing:
+            fx_traceback.current_meta["ac_graph_id"] = self.ac_graph_id
+            fx_traceback.current_meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+        if func in _IGNORED_OPS:
+            return func(*args, **kwargs)
+        graph = None
+        if tracing:
+            from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+            proxy_mode = get_proxy_mode()
+            graph = proxy_mode.tracer.graph if proxy_mode is not None else None
+            before = len(graph.nodes) if graph is not None else 0
+        out = func(*args, **kwargs)
+        index = self.calls[func]
+        self.calls[func] += 1
+        policy = _as_policy(
+            self.policy_fn(SelectiveCheckpointContext(is_recompute=False, op_output=out), func, *args, **kwargs),
+            func,
+        )
+        if graph is not None:
+            for node in list(graph.nodes)[before:]:
+                node.meta["recompute"] = policy
+        if tracing or policy in _SAVE:
+            self.storage[func][index] = tree_map(lambda x: _Cached(x, False) if isinstance(x, torch.Tensor) else x, out)
+        elif policy in _OFFLOAD:
+            self.storage[func][index] = tree_map(lambda x: _Cached(x, True) if isinstance(x, torch.Tensor) else x, out)
+        else:
+            self.storage[func][index] = _RECOMPUTE
+        return out
+
+
+class _ReplayMode(TorchDispatchMode):
+    """Recomputation half: hands back cached outputs, reruns everything else."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __init__(self, storage: dict, allow_cache_entry_mutation: bool) -> None:
+        super().__init__()
+        self.storage = storage
+        self.allow_mutation = allow_cache_entry_mutation
+        self.calls: dict = defaultdict(int)
+
+    def __enter__(self):
+        self.calls.clear()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _IGNORED_OPS:
+            return func(*args, **kwargs)
+        index = self.calls[func]
+        self.calls[func] += 1
+        entries = self.storage.get(func)
+        entry = None if entries is None else entries.get(index)
+        if entry is None:
+            raise RuntimeError(
+                f"{func} (call #{index} of that operator) ran during the recomputation but not "
+                "in the original forward. This can happen if the operations in the checkpointed "
+                "region are nondeterministic or depend on global state that changed between "
+                "forward and backward."
+            )
+        if entry is _CONSUMED:
+            raise RuntimeError(
+                "Trying to backward an extra time. You are only allowed to backward once "
+                "on any region computed under selective activation checkpoint."
+            )
+        if entry is _RECOMPUTE:
+            return func(*args, **kwargs)
+        entries[index] = _CONSUMED  # free the cache entry as soon as it is handed back
+        return tree_map(lambda c: c.get(func, self.allow_mutation) if isinstance(c, _Cached) else c, entry)
+
+
+def create_selective_checkpoint_contexts(policy_fn_or_list, allow_cache_entry_mutation: bool = False):
+    """The ``(forward, recompute)`` context pair for selective activation checkpointing.
+
+    Args:
+        policy_fn_or_list: a function ``policy(ctx, op, *args, **kwargs)`` returning a
+            :class:`CheckpointPolicy` (or a bool, ``True`` = save) for each aten operator,
+            or a list of ``OpOverload`` to save (everything else is recomputed).
+        allow_cache_entry_mutation: by default, an in-place change to a cached output
+            before the backward is an error; ``True`` accepts it.
+
+    ``MUST_CPU_OFFLOAD`` / ``PREFER_CPU_OFFLOAD`` really offload the output to CPU and bring
+    it back (PyTorch 2.13 recomputes such operators instead).
+
+    >>> import functools, torch, ckpt_compile as cc
+    >>> ctx = functools.partial(cc.create_selective_checkpoint_contexts, [torch.ops.aten.mm.default])
+    >>> x = torch.randn(8, 8, requires_grad=True)
+    >>> y = cc.checkpoint(lambda t: (t @ t).relu(), x, use_reentrant=False, context_fn=ctx)
+    >>> y.sum().backward()
+    """
+    if isinstance(policy_fn_or_list, (list, tuple, set, frozenset)):
+        ops = frozenset(policy_fn_or_list)
+        for op in ops:
+            if not isinstance(op, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
+                hint = (
+                    " Please update the OpOverloadPacket to a specific OpOverload. For example, "
+                    "if you have `torch.ops.aten.mm`, change it to `torch.ops.aten.mm.default`."
+                    if isinstance(op, torch._ops.OpOverloadPacket) else ""
+                )
+                raise ValueError(
+                    f"Expected op in `op_list` to be an OpOverload but got: {op} of type {type(op)}.{hint}"
+                )
+
+        def policy_fn(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+    elif callable(policy_fn_or_list):
+        policy_fn = policy_fn_or_list
+    else:
+        raise TypeError(
+            "policy_fn_or_list must be either a function or a list of ops, got "
+            f"{type(policy_fn_or_list).__name__}."
+        )
+    storage: dict = defaultdict(dict)
+    return _SaveMode(policy_fn, storage), _ReplayMode(storage, allow_cache_entry_mutation)
