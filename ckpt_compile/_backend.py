@@ -1,0 +1,290 @@
+"""The ``torch.compile`` backend ``"ckpt"``: our recompute tags and min-cut, then inductor.
+
+Registered through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="ckpt")`` works after ``pip install`` without importing
+this package; :func:`backend` is also ``ckpt_compile.backend``.
+
+>>> import torch, ckpt_compile as cc
+>>> lin = torch.nn.Linear(4, 4)
+>>> def f(x):
+...     return cc.checkpoint(lambda t: lin(t).relu().sin(), x, use_reentrant=False).sum()
+>>> g = torch.compile(f, backend=cc.backend, options={"inner": "eager"}, fullgraph=True)
+>>> x = torch.randn(3, 4, requires_grad=True)
+>>> g(x).backward()
+>>> x.grad.shape
+torch.Size([3, 4])
+
+The pipeline (:func:`backend`) reads top to bottom: validate options, fingerprint the
+annotations Dynamo captured, build the partitioner (tag recompute policies, then min-cut
+with the option's memory budget), compile forward and backward with the inner compiler,
+and report. AOTAutograd builds the joint graph and calls the partitioner in between.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import types
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+
+from ckpt_compile._options import BackendOptions
+
+__all__ = ["backend"]
+
+log = logging.getLogger("ckpt_compile")
+
+# Report paths written by this process (see _emit_report).
+_WRITTEN_PATHS: set[str] = set()
+
+# Bump when the tagging or partition contract changes in a way the source hash misses.
+_PARTITIONER_VERSION = "1"
+
+
+def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, mode=None):
+    """Compile a Dynamo graph with checkpoint-aware partitioning.
+
+    ``options`` (from ``torch.compile(..., options={...})``): ``memory_budget`` (float in
+    (0, 1], default 1.0), ``inner`` (``"inductor"`` or ``"eager"``), ``report`` (False,
+    True to log graph sizes and saved bytes on the ``"ckpt_compile"`` logger at INFO, or a
+    path to write them as JSON). ``mode=`` is not supported: use ``options``.
+    """
+    # 1. Options: validated once, here at the boundary.
+    if mode is not None:
+        raise ValueError(
+            f'backend="ckpt" does not take mode={mode!r}; pass options={{...}} instead '
+            "(memory_budget, inner, report)"
+        )
+    opts = BackendOptions.from_mapping(options)
+    # 2. Capture already happened in Dynamo: regions are tag_activation_checkpoint nodes or
+    #    annotate() metadata. Their fingerprint goes into inductor's cache key (node.meta
+    #    is not part of it: NOTES "stale-cache trap").
+    fingerprint = _annotation_fingerprint(gm)
+    # 3. Partitioner: tag_recompute on the joint graph, then our min-cut.
+    partitioner = _CkptPartitioner(opts, fingerprint)
+    # 4. Forward and backward: AOTAutograd builds the joint graph, calls the partitioner,
+    #    then the inner compiler.
+    if opts.inner == "inductor":
+        compiled = _compile_inductor(gm, example_inputs, partitioner, opts)
+    else:
+        compiled = _compile_eager(gm, example_inputs, partitioner)
+    # 5. Report what the partitioner decided (nothing when the graph has no backward).
+    if opts.report is not False and partitioner.reports:
+        _emit_report(partitioner.reports, opts)
+    return compiled
+
+
+class _CkptPartitioner(CustomPartitionerFn):
+    """Partition function: ``tag_recompute`` then ``ckpt_compile.passes.partition``.
+
+    Usable both as inductor's ``custom_partitioner_fn`` and as AOTAutograd's
+    ``partition_fn``. ``partition_fn`` is a private switch for development against
+    another partitioner with the same contract.
+    """
+
+    def __init__(self, options: BackendOptions, fingerprint: str, partition_fn=None) -> None:
+        self.options = options
+        self.fingerprint = fingerprint
+        self.partition_fn = partition_fn
+        self.reports: list[dict[str, Any]] = []
+
+    def __call__(self, joint_module, joint_inputs, **kwargs):
+        from ckpt_compile.passes import partition, tag_recompute
+
+        joint_module = tag_recompute(joint_module)
+        partition_fn = self.partition_fn or partition
+        fw_module, bw_module = partition_fn(
+            joint_module, joint_inputs, memory_budget=self.options.memory_budget, **kwargs
+        )
+        for module in (fw_module, bw_module):
+            module.graph.lint()
+        self.reports.append(_graph_report(fw_module, bw_module, kwargs["num_fwd_outputs"]))
+        return fw_module, bw_module
+
+    def uuid(self) -> str:
+        # Cache key: our source, the options that change code, and the annotations.
+        return hashlib.sha256(
+            _source_hash() + f"{_PARTITIONER_VERSION};{self.options.fingerprint()};"
+            f"{self.fingerprint}".encode()
+        ).hexdigest()
+
+
+def _compile_inductor(gm, example_inputs, partitioner, opts: BackendOptions):
+    from torch._inductor.compile_fx import compile_fx
+
+    patches: dict[str, Any] = {"custom_partitioner_fn": partitioner}
+    if opts.report is not False:
+        # A cache hit skips the partitioner and would leave the report empty.
+        patches["force_disable_caches"] = True
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _compile_eager(gm, example_inputs, partitioner):
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    def run_as_is(module: fx.GraphModule, _inputs):
+        return make_boxed_func(module.forward)
+
+    return aot_autograd(
+        fw_compiler=run_as_is,
+        bw_compiler=run_as_is,
+        partition_fn=partitioner,
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> bytes:
+    import ckpt_compile.passes as passes_pkg
+
+    folders = (pathlib.Path(passes_pkg.__file__).parent, pathlib.Path(__file__).parent)
+    files = tuple(sorted(str(p) for folder in folders for p in folder.glob("*.py")))
+    return get_hash_for_files(files)
+
+
+def _annotation_fingerprint(gm: fx.GraphModule) -> str:
+    """Hash of everything in ``gm`` that decides recompute tags but is not in its code."""
+    parts: list[str] = []
+    for name, module in gm.named_modules():
+        context_fn = getattr(module, "meta", {}).get("_checkpoint_context_fn")
+        if context_fn is not None:
+            parts.append(f"{name}:context_fn={_fingerprint(context_fn)}")
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            custom = node.meta.get("custom")
+            if custom:
+                parts.append(f"{name}.{node.name}:custom={_fingerprint(custom)}")
+            if node.op == "call_function" and node.kwargs:
+                parts.append(f"{name}.{node.name}:kwargs={_fingerprint(dict(node.kwargs))}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _fingerprint(value: Any, depth: int = 0) -> str:
+    """A stable description of a policy (function, partial, op list, constants)."""
+    if depth > 6:
+        return "..."
+    recurse = functools.partial(_fingerprint, depth=depth + 1)
+    if isinstance(value, functools.partial):
+        keywords = sorted(value.keywords.items())
+        return f"partial({recurse(value.func)}, {recurse(value.args)}, {recurse(keywords)})"
+    if isinstance(value, types.FunctionType):
+        code = value.__code__
+        closure = [c.cell_contents for c in value.__closure__ or () if _cell_filled(c)]
+        code_hash = hashlib.sha256(code.co_code + repr(code.co_names).encode()).hexdigest()
+        return (
+            f"{value.__module__}.{value.__qualname__}#{code_hash}"
+            f"{recurse(_consts(code))}{recurse(closure)}{recurse(value.__defaults__)}"
+        )
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{recurse(k)}:{recurse(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(map(recurse, value)) if isinstance(value, (set, frozenset)) else map(recurse, value)
+        return f"{type(value).__name__}[" + ",".join(items) + "]"
+    if isinstance(value, (types.BuiltinFunctionType, type)):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    if isinstance(value, fx.Node):
+        return f"node:{value.name}"
+    # Ops, enums and constants have stable reprs; an object whose repr carries an address
+    # only makes the cache miss, never hit wrongly.
+    return f"{type(value).__name__}:{value!r}"
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def _consts(code: types.CodeType) -> tuple:
+    return tuple(_consts(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+
+
+def _graph_report(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int):
+    """Graph sizes and saved bytes of one partition (the plan's figures where present)."""
+    plan = fw_module.meta.get("ckpt_plan")
+    saved = _saved_values(fw_module, num_fwd_outputs)
+    report: dict[str, Any] = {
+        "forward_nodes": _count_ops(fw_module),
+        "backward_nodes": _count_ops(bw_module),
+        "saved_tensors": len(saved),
+        "saved_bytes": sum(_nbytes(n) for n in saved),
+        # Saved activations exclude the graph's own inputs (parameters, user inputs),
+        # which stay alive whether or not anything is checkpointed.
+        "saved_activation_bytes": sum(_nbytes(n) for n in saved if n.op != "placeholder"),
+    }
+    if plan is not None:
+        report["plan_saved_bytes"] = getattr(plan, "saved_bytes", None)
+        for field in ("recomputed", "offloaded", "banned"):
+            names = getattr(plan, field, None)
+            if names is not None:
+                report[f"{field}_nodes"] = len(names)
+        flops = getattr(plan, "recompute_flops", None)
+        if flops is not None:
+            report["recompute_flops"] = int(flops)
+    return report
+
+
+def _count_ops(module: fx.GraphModule) -> int:
+    return sum(1 for n in module.graph.nodes if n.op == "call_function")
+
+
+def _saved_values(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
+    # AOTAutograd's forward returns (user outputs..., saved tensors..., saved symints...).
+    outputs = fw_module.graph.find_nodes(op="output")[0].args[0]
+    return [
+        n
+        for n in outputs[num_fwd_outputs:]
+        if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
+    ]
+
+
+def _nbytes(node: fx.Node) -> int:
+    from torch.fx.experimental.symbolic_shapes import hint_int
+
+    value = node.meta["val"]
+    # Symbolic sizes (dynamic=True) are counted at their size hints.
+    return hint_int(value.numel(), fallback=1) * value.element_size()
+
+
+def _emit_report(reports: list[dict[str, Any]], opts: BackendOptions) -> None:
+    if opts.report is True:
+        for report in reports:
+            log.info("backend='ckpt' partition: %s", json.dumps(report, sort_keys=True))
+        return
+    path = pathlib.Path(opts.report)
+    # The first graph written to a path in this process replaces the file; later graphs
+    # (a model split by graph breaks, a recompile) are appended to it.
+    key = os.path.abspath(path)
+    graphs = (_read_graphs(path) if key in _WRITTEN_PATHS else []) + reports
+    _WRITTEN_PATHS.add(key)
+    document = {"options": {"memory_budget": opts.memory_budget, "inner": opts.inner},
+                "graphs": graphs}
+    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def _read_graphs(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f'backend="ckpt": option report={os.fspath(path)!r} names an existing file that '
+            "is not a report this backend wrote; pass a new path"
+        ) from e
+    if not isinstance(document, dict) or not isinstance(document.get("graphs"), list):
+        raise ValueError(
+            f'backend="ckpt": option report={os.fspath(path)!r} names an existing file that '
+            "is not a report this backend wrote; pass a new path"
+        )
+    return document["graphs"]

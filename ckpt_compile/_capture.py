@@ -1,0 +1,79 @@
+"""Capture of ``ckpt_compile.checkpoint`` regions while Dynamo traces a compiled model.
+
+``ckpt_compile.checkpoint`` calls :func:`checkpoint_under_dynamo` when
+``torch.compiler.is_dynamo_compiling()``; Dynamo inlines it like any Python function.
+
+Why delegate to ``torch.utils.checkpoint.checkpoint``: Dynamo recognises that one function
+by identity and lowers the region to the ``tag_activation_checkpoint`` higher-order op.
+Tracing the HOP with AOTAutograd writes ``meta["recompute"]`` and ``meta["ac_graph_id"]``
+on every forward node of the region, and runs the ``context_fn`` modes while it traces,
+so a selective policy (ours from ``ckpt_compile.create_selective_checkpoint_contexts`` or
+PyTorch's) is evaluated per aten op and its answer lands on the node. That is exactly the
+annotation our tagging pass (``ckpt_compile.passes.tag_recompute``) consumes, identical for
+regions written with ``torch.utils.checkpoint`` and with ``ckpt_compile``. The
+alternative, ``torch.fx.traceback.annotate``, accepts only Python constants (no policy
+function) and silently leaves the whole frame uncompiled on a graph break inside the
+block; the tagging pass still honours such annotations written by hand.
+
+What Dynamo's lowering drops and the backend restores: ``preserve_rng_state`` (random ops
+are kept exact by the tagging pass, always), region boundaries (saved as eager does), and
+CPU-offload policies (kept on the nodes for our partitioner). ``use_reentrant`` does not
+change the compiled graph (both variants trace to the same HOP), so no warning is issued
+for ``None`` under compile, as with PyTorch. ``determinism_check``, ``debug`` and
+``early_stop`` are checks of the eager recomputation; a compiled recompute is part of the
+backward graph, so they are validated and then have nothing to act on.
+
+When Dynamo cannot trace the region body it falls back to running the checkpoint call
+eagerly; ``ckpt_compile.checkpoint`` then takes its eager path, which keeps Dynamo off
+for the region and its recomputation (``_run_fn_with_dynamo_disabled`` semantics).
+"""
+from __future__ import annotations
+
+import torch.utils.checkpoint as torch_checkpoint
+
+from ckpt_compile._common import noop_context_fn
+
+__all__ = ["checkpoint_under_dynamo"]
+
+_DETERMINISM_CHECKS = ("default", "none")
+
+
+def checkpoint_under_dynamo(
+    function,
+    *args,
+    use_reentrant=None,
+    context_fn=noop_context_fn,
+    determinism_check="default",
+    debug=False,
+    early_stop=True,
+    preserve_rng_state=True,
+    **kwargs,
+):
+    """Record ``function(*args, **kwargs)`` as a checkpoint region in the traced graph.
+
+    Called by ``ckpt_compile.checkpoint`` only while Dynamo traces; same arguments.
+    """
+    if determinism_check not in _DETERMINISM_CHECKS:
+        raise ValueError(
+            f"ckpt_compile.checkpoint: determinism_check={determinism_check!r} is not "
+            f"supported; use one of {_DETERMINISM_CHECKS}"
+        )
+    if use_reentrant and (context_fn is not noop_context_fn or debug):
+        raise ValueError(
+            "Passing `context_fn` or `debug` is only supported when use_reentrant=False."
+        )
+    # Dynamo tests `context_fn is torch's noop_context_fn` to choose plain checkpointing;
+    # ours is a different function object with the same meaning.
+    if context_fn is noop_context_fn:
+        context_fn = torch_checkpoint.noop_context_fn
+    return torch_checkpoint.checkpoint(
+        function,
+        *args,
+        use_reentrant=False,
+        context_fn=context_fn,
+        determinism_check=determinism_check,
+        debug=debug,
+        early_stop=early_stop,
+        preserve_rng_state=preserve_rng_state,
+        **kwargs,
+    )

@@ -1,0 +1,96 @@
+"""Options of the ``backend="ckpt"`` torch.compile backend, validated once.
+
+``torch.compile(model, backend="ckpt", options={...})`` hands the dict to the backend as
+its ``options=`` keyword; :meth:`BackendOptions.from_mapping` turns it into a frozen
+dataclass at that boundary, so nothing downstream re-reads or re-checks a raw dict.
+
+>>> BackendOptions.from_mapping({"memory_budget": 0.5, "inner": "eager"})
+BackendOptions(memory_budget=0.5, inner='eager', report=False)
+>>> BackendOptions.from_mapping({"budget": 0.5})
+Traceback (most recent call last):
+...
+ValueError: backend="ckpt": unknown option 'budget'. Valid options: memory_budget (float in (0, 1], default 1.0), inner ('inductor' or 'eager', default 'inductor'), report (False, True, or a path to write JSON, default False).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Mapping, Union
+
+_INNER_CHOICES = ("inductor", "eager")
+
+# One line per option, used verbatim in every validation error so a user sees all of them.
+_VALID = (
+    "memory_budget (float in (0, 1], default 1.0), "
+    "inner ('inductor' or 'eager', default 'inductor'), "
+    "report (False, True, or a path to write JSON, default False)"
+)
+
+
+def _error(message: str) -> ValueError:
+    return ValueError(f'backend="ckpt": {message}. Valid options: {_VALID}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """Validated options of ``backend="ckpt"``.
+
+    - ``memory_budget``: fraction of the no-checkpoint activation bytes that the
+      partitioner may save; 1.0 is the plain min-cut.
+    - ``inner``: ``"inductor"`` compiles the partitioned forward and backward with
+      inductor; ``"eager"`` runs the partitioned FX graphs as they are.
+    - ``report``: ``False``; ``True`` logs graph sizes and saved bytes on the
+      ``"ckpt_compile"`` logger; a path (``str`` or ``os.PathLike``) writes them as JSON.
+    """
+
+    memory_budget: float = 1.0
+    inner: str = "inductor"
+    report: Union[bool, str] = False
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> "BackendOptions":
+        """Validate ``options`` (``None`` or a mapping) into a :class:`BackendOptions`."""
+        if options is None:
+            return cls()
+        if isinstance(options, BackendOptions):
+            return options
+        if not isinstance(options, Mapping):
+            raise _error(f"options must be a dict, got {type(options).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in fields:
+                raise _error(f"unknown option {key!r}")
+        values = dict(options)
+        if "memory_budget" in values:
+            values["memory_budget"] = _check_budget(values["memory_budget"])
+        if "inner" in values and values["inner"] not in _INNER_CHOICES:
+            raise _error(f"option 'inner' must be one of {_INNER_CHOICES}, got {values['inner']!r}")
+        if "report" in values:
+            values["report"] = _check_report(values["report"])
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        """A stable string of the options that change compiled code (cache keys)."""
+        return f"memory_budget={self.memory_budget!r};inner={self.inner}"
+
+
+def _check_budget(value: Any) -> float:
+    # bool is an int subclass: memory_budget=True is almost certainly a mistake.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _error(f"option 'memory_budget' must be a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise _error(f"option 'memory_budget' must be in (0, 1], got {value!r}")
+    return value
+
+
+def _check_report(value: Any) -> Union[bool, str]:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if not path:
+            raise _error("option 'report' got an empty path")
+        return path
+    raise _error(f"option 'report' must be a bool or a path, got {type(value).__name__} {value!r}")
