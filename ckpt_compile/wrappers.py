@@ -1,0 +1,383 @@
+"""Module wrappers for activation checkpointing and offloading, with clean names.
+
+A drop-in for ``torch.distributed.algorithms._checkpoint.checkpoint_wrapper`` (torch 2.13):
+``CheckpointImpl``, ``ActivationWrapper``, ``CheckpointWrapper``, ``OffloadWrapper``,
+``checkpoint_wrapper``, ``offload_wrapper`` and ``apply_activation_checkpointing``.
+
+How names stay clean
+--------------------
+PyTorch's wrapper registers the wrapped module as a child called
+``_checkpoint_wrapped_module``. State-dict hooks hide that prefix from ``state_dict()``, but
+``named_parameters()`` of any ancestor, ``named_buffers()`` and ``named_modules()`` still
+show it, and optimizer state keyed by name, distributed checkpoints and ``torch.compile``
+trip over it (pytorch#108269, #117399, #124546).
+
+Here the wrapper *stands in* for the module instead of containing it:
+
+* it shares the wrapped module's own ``_parameters``, ``_buffers``,
+  ``_non_persistent_buffers_set`` and ``_modules`` dicts (the same dict objects), so every
+  name-producing API of ``nn.Module`` walks exactly the tree of the unwrapped module;
+* the wrapped module is kept as a plain attribute, ``_checkpoint_wrapped_module``, which is
+  not a registered child and so adds no name anywhere;
+* the behaviour that belongs to the wrapped module's class is delegated to it:
+  ``state_dict()`` / ``_load_from_state_dict`` (class-specific saving and loading, extra
+  state, its state-dict hooks, which the wrapper shares), ``_apply`` (``.to()``,
+  ``.half()``, ...), ``train()`` and ``apply()``.
+
+Nothing is copied, so parameters keep their identity: an optimizer built before wrapping
+keeps working, and its name-keyed state dict matches ``named_parameters()`` afterwards.
+The one visible difference from PyTorch: ``named_modules()`` lists the wrapper under the
+module's name, and the wrapped module itself is reached through ``_checkpoint_wrapped_module``
+(as the unwrapped tree has one module per name, so does the wrapped one).
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+>>> keys = list(model.state_dict())
+>>> apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, nn.Linear))
+>>> type(model[0]).__name__, list(model.state_dict()) == keys
+('CheckpointWrapper', True)
+>>> [name for name, _ in model.named_parameters()]
+['0.weight', '0.bias', '2.weight', '2.bias']
+>>> model(torch.randn(3, 4)).sum().backward()
+"""
+from __future__ import annotations
+
+import abc
+import enum
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckpt_compile import _wrap_policy
+from ckpt_compile._wrap_offload import offload_saved_tensors
+
+__all__ = [
+    "CheckpointImpl",
+    "ActivationWrapper",
+    "CheckpointWrapper",
+    "OffloadWrapper",
+    "checkpoint_wrapper",
+    "offload_wrapper",
+    "apply_activation_checkpointing",
+]
+
+_WRAPPED = "_checkpoint_wrapped_module"
+_WRAPPED_PREFIX = _WRAPPED + "."
+
+# The dicts that make up a module's named tree and its state-dict behaviour. The wrapper
+# holds the very same dict objects as the module it wraps, so both always agree.
+_SHARED_STATE = (
+    "_parameters",
+    "_buffers",
+    "_non_persistent_buffers_set",
+    "_modules",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+class CheckpointImpl(enum.Enum):
+    """Which engine :class:`CheckpointWrapper` uses (``use_reentrant`` True or False)."""
+
+    REENTRANT = enum.auto()
+    NO_REENTRANT = enum.auto()
+
+
+class ActivationWrapper(nn.Module, abc.ABC):
+    """Base class of :class:`CheckpointWrapper` and :class:`OffloadWrapper`.
+
+    Not instantiated directly; subclasses implement ``forward`` around
+    ``self._checkpoint_wrapped_module``. Attribute access and indexing that the wrapper
+    does not answer itself are forwarded to the wrapped module.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+        ValueError: ``module`` is already wrapped by the same kind of wrapper.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        kind = type(self).__name__
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"{kind} wraps an nn.Module, but got {type(module).__qualname__} "
+                f"({_short_repr(module)}). Pass the module itself, e.g. {kind}(nn.Linear(4, 4))."
+            )
+        if isinstance(module, type(self)):
+            raise ValueError(
+                f"{kind}: the module is already a {type(module).__name__} around "
+                f"{type(module._checkpoint_wrapped_module).__name__}; wrapping it again would "
+                f"apply the same treatment twice to one region. Wrap the module once, or "
+                f"unwrap it first with `._checkpoint_wrapped_module`."
+            )
+        super().__init__()
+        # Plain attribute, not a registered child: it must add no name to the tree.
+        object.__setattr__(self, _WRAPPED, module)
+        for name in _SHARED_STATE:
+            object.__setattr__(self, name, getattr(module, name))
+        object.__setattr__(self, "training", module.training)
+
+    @abc.abstractmethod
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    # --- forwarding to the wrapped module -------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers, children (shared)
+        except AttributeError:
+            wrapped = self.__dict__.get(_WRAPPED)
+            if wrapped is None:  # half-built (during __init__ or unpickling)
+                raise
+        return getattr(wrapped, name)
+
+    def __getitem__(self, key: Any) -> Any:
+        """Index the wrapped module, e.g. when it is an ``nn.Sequential``."""
+        return self._checkpoint_wrapped_module[key]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._checkpoint_wrapped_module!r})"
+
+    # --- behaviour of the wrapped module's class, delegated -------------------------------
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The wrapped module's state dict: the same keys as the unwrapped module."""
+        return self._checkpoint_wrapped_module.state_dict(*args, **kwargs)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # State dicts written through PyTorch's own wrapper may carry the prefix (for
+        # example ones assembled from named_parameters()): accept them by renaming.
+        _strip_wrapped_prefix(state_dict, prefix, error_msgs)
+        self._checkpoint_wrapped_module._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        # The wrapped class may refresh derived state after a move (nn.RNNBase re-flattens
+        # its weights), so its own _apply must run; the tensors it touches are shared.
+        self._checkpoint_wrapped_module._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True):
+        self._checkpoint_wrapped_module.train(mode)
+        self.training = mode
+        return self
+
+    def apply(self, fn: Callable[[nn.Module], None]):
+        # Like PyTorch's wrapper: fn sees the wrapped module (and its subtree), then us.
+        self._checkpoint_wrapped_module.apply(fn)
+        fn(self)
+        return self
+
+
+class CheckpointWrapper(ActivationWrapper):
+    """Runs the wrapped module under activation checkpointing.
+
+    Built by :func:`checkpoint_wrapper`. With the default ``checkpoint_fn`` the engine is
+    :func:`ckpt_compile.checkpoint` with ``use_reentrant`` taken from ``checkpoint_impl``.
+    Keyword arguments of ``forward`` work with the reentrant engine too: they are packed
+    into positional inputs and unpacked inside the checkpointed region.
+    """
+
+    def __init__(
+        self,
+        mod: nn.Module,
+        checkpoint_impl: CheckpointImpl = CheckpointImpl.NO_REENTRANT,
+        checkpoint_fn: Callable[..., Any] | None = None,
+        **checkpoint_fn_kwargs: Any,
+    ) -> None:
+        super().__init__(mod)
+        if not isinstance(checkpoint_impl, CheckpointImpl):
+            raise TypeError(
+                f"checkpoint_wrapper: checkpoint_impl must be CheckpointImpl.REENTRANT or "
+                f"CheckpointImpl.NO_REENTRANT, got {_short_repr(checkpoint_impl)}."
+            )
+        if checkpoint_fn is None:
+            if "use_reentrant" in checkpoint_fn_kwargs:
+                raise TypeError(
+                    "checkpoint_wrapper: use_reentrant is set by checkpoint_impl; pass "
+                    "checkpoint_impl=CheckpointImpl.REENTRANT (or NO_REENTRANT) instead."
+                )
+            from ckpt_compile._checkpoint import checkpoint
+
+            checkpoint_fn = functools.partial(
+                checkpoint,
+                use_reentrant=checkpoint_impl is CheckpointImpl.REENTRANT,
+                **checkpoint_fn_kwargs,
+            )
+        elif not callable(checkpoint_fn):
+            raise TypeError(
+                f"checkpoint_wrapper: checkpoint_fn must be a callable like "
+                f"ckpt_compile.checkpoint, got {_short_repr(checkpoint_fn)}."
+            )
+        else:
+            checkpoint_fn = functools.partial(checkpoint_fn, **checkpoint_fn_kwargs)
+        self.checkpoint_impl = checkpoint_impl
+        self.checkpoint_fn = checkpoint_fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        wrapped = self._checkpoint_wrapped_module
+        if self.checkpoint_impl is CheckpointImpl.REENTRANT and kwargs:
+            # The reentrant engine accepts positional tensors only.
+            flat, keys = _pack_kwargs(args, kwargs)
+
+            def run(*inputs: Any) -> Any:
+                call_args, call_kwargs = _unpack_kwargs(inputs, keys)
+                return wrapped(*call_args, **call_kwargs)
+
+            return self.checkpoint_fn(run, *flat)
+        return self.checkpoint_fn(wrapped, *args, **kwargs)
+
+
+class OffloadWrapper(ActivationWrapper):
+    """Keeps the wrapped module's saved activations in CPU memory until backward.
+
+    Activations on an accelerator are copied to CPU (pinned memory for CUDA) and come back
+    to their device when backward needs them. Tensors that share storage with the
+    module's parameters or buffers are kept by reference, never copied.
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with offload_saved_tensors(self._checkpoint_wrapped_module):
+            return self._checkpoint_wrapped_module(*args, **kwargs)
+
+
+def checkpoint_wrapper(
+    module: nn.Module,
+    checkpoint_impl: CheckpointImpl = CheckpointImpl.NO_REENTRANT,
+    checkpoint_fn: Callable[..., Any] | None = None,
+    **checkpoint_fn_kwargs: Any,
+) -> nn.Module:
+    """Wrap ``module`` so that every call runs under activation checkpointing.
+
+    Args:
+        module: the module to wrap (a ``TypeError`` otherwise, naming what was passed).
+        checkpoint_impl: ``CheckpointImpl.NO_REENTRANT`` (default) or ``REENTRANT``; chooses
+            ``use_reentrant`` of the default engine, :func:`ckpt_compile.checkpoint`.
+            Ignored by a custom ``checkpoint_fn``, except that ``REENTRANT`` still packs
+            keyword arguments into positional ones, as in PyTorch.
+        checkpoint_fn: a functional checkpoint to use instead, called as
+            ``checkpoint_fn(module, *args, **checkpoint_fn_kwargs, **kwargs)``.
+        **checkpoint_fn_kwargs: passed to the checkpoint function on every call (for
+            example ``context_fn``, ``preserve_rng_state``, ``debug``).
+
+    Stricter than PyTorch: ``use_reentrant`` in ``checkpoint_fn_kwargs`` with the default
+    engine is a ``TypeError`` at construction (PyTorch fails at the first forward), and so is
+    a ``checkpoint_impl`` that is not a ``CheckpointImpl``.
+
+    >>> import torch
+    >>> block = checkpoint_wrapper(torch.nn.Linear(3, 3), checkpoint_impl=CheckpointImpl.REENTRANT)
+    >>> block(torch.randn(2, 3, requires_grad=True)).sum().backward()
+    >>> block.weight.grad.shape, [name for name, _ in block.named_parameters()]
+    (torch.Size([3, 3]), ['weight', 'bias'])
+    """
+    return CheckpointWrapper(module, checkpoint_impl, checkpoint_fn, **checkpoint_fn_kwargs)
+
+
+def offload_wrapper(module: nn.Module) -> nn.Module:
+    """Wrap ``module`` so that its saved activations wait for backward in CPU memory.
+
+    It composes with :func:`checkpoint_wrapper` (either way round) to trade recompute for
+    host memory and transfers.
+
+    >>> import torch
+    >>> block = offload_wrapper(torch.nn.Linear(3, 3))
+    >>> block(torch.randn(2, 3)).sum().backward()
+    >>> list(block.state_dict())
+    ['weight', 'bias']
+    """
+    return OffloadWrapper(module)
+
+
+def apply_activation_checkpointing(
+    model: nn.Module,
+    checkpoint_wrapper_fn: Callable[[nn.Module], nn.Module] = checkpoint_wrapper,
+    check_fn: Callable[[nn.Module], bool] = lambda _: True,
+    auto_wrap_policy: Callable[..., bool] | Any | None = None,
+) -> None:
+    """Replace, in place, the submodules of ``model`` chosen by a policy with wrapped ones.
+
+    Submodules are visited children first; the root ``model`` is never wrapped (wrap it
+    yourself with :func:`checkpoint_wrapper` if needed). ``auto_wrap_policy``, when given,
+    takes precedence over ``check_fn``: it is either a callable
+    ``policy(module=, recurse=, nonwrapped_numel=) -> bool`` as in FSDP, or an FSDP policy
+    object such as ``ModuleWrapPolicy``. A module shared by several parents is wrapped once.
+    Returns ``None``.
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+    >>> apply_activation_checkpointing(model, offload_wrapper, lambda m: isinstance(m, nn.Linear))
+    >>> [type(m).__name__ for m in model.modules()]
+    ['Sequential', 'OffloadWrapper', 'Sequential', 'OffloadWrapper', 'Tanh']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"apply_activation_checkpointing: model must be an nn.Module, got "
+            f"{type(model).__qualname__} ({_short_repr(model)})."
+        )
+    if auto_wrap_policy is None:
+        if not callable(check_fn):
+            raise TypeError(
+                f"apply_activation_checkpointing: check_fn must be a callable "
+                f"module -> bool, got {_short_repr(check_fn)}."
+            )
+        auto_wrap_policy = _wrap_policy.check_fn_policy(check_fn)
+    if not callable(checkpoint_wrapper_fn):
+        raise TypeError(
+            f"apply_activation_checkpointing: checkpoint_wrapper_fn must be a callable "
+            f"module -> wrapped module (e.g. checkpoint_wrapper or offload_wrapper), got "
+            f"{_short_repr(checkpoint_wrapper_fn)}."
+        )
+    _wrap_policy.wrap_submodules(model, auto_wrap_policy, checkpoint_wrapper_fn)
+
+
+# --- private helpers ----------------------------------------------------------------------
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _strip_wrapped_prefix(state_dict: dict[str, Any], prefix: str, error_msgs: list[str]) -> None:
+    """Rename ``{prefix}_checkpoint_wrapped_module.[...]name`` keys to ``{prefix}name``."""
+    marked = prefix + _WRAPPED_PREFIX
+    for key in [k for k in state_dict if k.startswith(marked)]:
+        rest = key[len(prefix) :]
+        while rest.startswith(_WRAPPED_PREFIX):  # nested PyTorch wrappers stack prefixes
+            rest = rest[len(_WRAPPED_PREFIX) :]
+        clean = prefix + rest
+        if clean in state_dict:
+            error_msgs.append(
+                f"state_dict has both {key!r} and {clean!r} for the same tensor of a wrapped "
+                f"module; keep one of them."
+            )
+            continue
+        state_dict[clean] = state_dict.pop(key)
+
+
+def _pack_kwargs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+    """Flatten ``(args, kwargs)`` into positional values plus the keyword names."""
+    return (*args, *kwargs.values()), tuple(kwargs)
+
+
+def _unpack_kwargs(flat: tuple[Any, ...], keys: tuple[str, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if not keys:
+        return flat, {}
+    split = len(flat) - len(keys)
+    return flat[:split], dict(zip(keys, flat[split:]))
