@@ -1,0 +1,216 @@
+"""The solver: the only module that talks to networkx, and it knows no torch.
+
+Input: a :class:`~ckpt_compile.passes.problem.Problem` (plain data). Output: a :class:`Cut`,
+index sets of the values to save and the values to recompute in the backward.
+
+Flow network (node keys are tuples ``(i, "in")`` / ``(i, "out")``): ``(i,"in") -> (i,"out")``
+costs saving value ``i``; data edges ``(u,"out") -> (v,"in")`` and ``(i,"out") -> SINK`` for
+values the backward reads are infinite; values that may not be recomputed hang off
+``SOURCE -> (i,"in")`` with infinite capacity. The sink side is what the backward holds:
+``(i,"in")`` there means recomputed, only ``(i,"out")`` there means saved. A price on
+recompute is a finite ``SOURCE -> (i,"in")`` edge (paid when ``i`` is recomputed).
+
+Of all minimum cuts we take the one with the smallest sink side (the nodes that still reach
+the sink in the residual network): it is contained in every other minimum cut's sink side,
+so among the cheapest plans it recomputes the least.
+
+Example::
+
+    >>> from ckpt_compile.passes.problem import Problem
+    >>> chain = Problem(names=("a", "b", "c"), edges=((0, 1), (1, 2)), nbytes=(0, 8, 4),
+    ...     save_weight=(0, 8, 4), recompute_cost=(0, 1, 1), must_save=frozenset({0}),
+    ...     soft_banned=frozenset(), needed=frozenset({1, 2}))
+    >>> cut = min_cut(chain)
+    >>> cut.saved, cut.recomputed
+    ((0,), (1, 2))
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+from networkx.algorithms.flow import preflow_push
+
+SOURCE = ("source", "")
+SINK = ("sink", "")
+# Measured on joint graphs of 4..256 transformer blocks (benchmarks/partition.py, --flow):
+# preflow_push was fastest, 1.3-2.5x ahead of boykov_kolmogorov, dinitz and edmonds_karp.
+FLOW_FUNC = preflow_push
+# Above this many recomputable values the budget solver walks the Lagrangian hull instead
+# of enumerating (2**16 plans take ~0.5 s in Python; the hull walk is a few max-flows).
+EXACT_LIMIT = 16
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A plan as index sets (sorted): values saved, values recomputed in the backward."""
+
+    saved: tuple[int, ...]
+    recomputed: tuple[int, ...]
+
+
+class InfeasibleCut(ValueError):
+    """No finite cut: ``path`` is a chain of problem indices that can be neither saved nor
+    recomputed (each link forced by a MUST_* tag, a ban, or a never-saved value)."""
+
+    def __init__(self, path: list[int]):
+        super().__init__(f"no finite cut; conflicting values (problem indices): {path}")
+        self.path = path
+
+
+class BudgetTooSmall(ValueError):
+    """No plan saves at most ``max_bytes``; ``min_bytes`` is the least any plan saves."""
+
+    def __init__(self, max_bytes: int, min_bytes: int):
+        super().__init__(f"no plan saves at most {max_bytes} bytes; the least is {min_bytes}")
+        self.max_bytes, self.min_bytes = max_bytes, min_bytes
+
+
+def saved_of(problem: Any, recomputed: set[int]) -> set[int]:
+    """The values a recompute set forces us to save: read by the backward or by a
+    recomputed value, and not recomputed themselves."""
+    saved = {u for u in problem.needed if u not in recomputed}
+    saved.update(u for u, v in problem.edges if v in recomputed and u not in recomputed)
+    return saved
+
+
+def plan_cost(problem: Any, recomputed: set[int]) -> tuple[int, int]:
+    """(saved bytes, recompute FLOPs) of a plan."""
+    saved = saved_of(problem, recomputed)
+    return sum(problem.nbytes[i] for i in saved), sum(problem.recompute_cost[i] for i in recomputed)
+
+
+def min_cut(problem: Any, *, byte_scale: int = 1, flop_price: int = 0, weighted: bool = True, banned: frozenset[int] | None = None) -> Cut:
+    """Minimum cut minimising ``byte_scale * saving cost + flop_price * recompute FLOPs``.
+
+    ``weighted`` uses ``save_weight`` (PREFER_* factors, never-saved values) as the saving
+    cost, else the plain ``nbytes`` (never-saved values stay infinite). ``banned``
+    defaults to ``must_save | soft_banned``.
+    """
+    banned = problem.must_save | problem.soft_banned if banned is None else banned
+    graph = nx.DiGraph()
+    for i in range(len(problem)):
+        weight = problem.save_weight[i]
+        if weight is None:
+            graph.add_edge((i, "in"), (i, "out"))  # no capacity attribute: infinite
+        else:
+            graph.add_edge((i, "in"), (i, "out"), capacity=byte_scale * (weight if weighted else problem.nbytes[i]))
+        if i in banned:
+            graph.add_edge(SOURCE, (i, "in"))
+        elif flop_price and problem.recompute_cost[i]:
+            graph.add_edge(SOURCE, (i, "in"), capacity=flop_price * problem.recompute_cost[i])
+        if i in problem.needed:
+            graph.add_edge((i, "out"), SINK)
+    graph.add_edges_from(((u, "out"), (v, "in")) for u, v in problem.edges)
+    if SOURCE not in graph or SINK not in graph:
+        return Cut((), ())
+    try:
+        residual = FLOW_FUNC(graph, SOURCE, SINK, capacity="capacity", value_only=True)
+    except nx.NetworkXUnbounded as e:
+        raise InfeasibleCut(_infinite_path(graph)) from e
+    sink_side = _reaching_sink(residual)
+    recomputed = {i for i in range(len(problem)) if (i, "in") in sink_side}
+    saved = {i for i in range(len(problem)) if (i, "out") in sink_side and i not in recomputed}
+    return Cut(tuple(sorted(saved)), tuple(sorted(recomputed)))
+
+
+def _reaching_sink(residual: nx.DiGraph) -> set[Any]:
+    """Nodes with a residual path to the sink: the smallest sink side of a minimum cut."""
+    seen = {SINK}
+    stack = [SINK]
+    pred = residual.pred
+    while stack:
+        v = stack.pop()
+        for u, attr in pred[v].items():
+            if u not in seen and attr["capacity"] - attr["flow"] > 0:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _infinite_path(graph: nx.DiGraph) -> list[int]:
+    """A source-to-sink path of infinite edges, as problem indices in order."""
+    infinite = nx.DiGraph((u, v) for u, v, c in graph.edges(data="capacity") if c is None)
+    path = nx.shortest_path(infinite, SOURCE, SINK)
+    return list(dict.fromkeys(key[0] for key in path[1:-1]))
+
+
+def budget_cut(problem: Any, max_bytes: int, *, exact_limit: int = EXACT_LIMIT) -> Cut:
+    """Fewest recompute FLOPs among plans saving at most ``max_bytes`` (ties: fewer bytes).
+
+    Only ``must_save`` bans hold here (``soft_banned`` values may be recomputed). Exact by
+    enumeration up to ``exact_limit`` recomputable values; above it, the best vertex of the
+    lower convex hull of (bytes, FLOPs) at or under the budget, found by a Lagrangian walk
+    (Eisner-Severance) with integer prices: each step is one min cut. A hull vertex is
+    optimal for every budget equal to its bytes, and within a gap between two vertices it
+    may recompute more than the true optimum; saved bytes stay monotone in ``max_bytes``.
+    Raises :class:`BudgetTooSmall` when even recomputing everything allowed saves more.
+    """
+    hard = problem.must_save
+    total_bytes = sum(problem.nbytes) + 1
+    total_flops = sum(problem.recompute_cost) + 1
+    low = _point(problem, min_cut(problem, byte_scale=total_flops, flop_price=1, weighted=False, banned=hard))
+    if low[0] > max_bytes:
+        raise BudgetTooSmall(max_bytes, low[0])
+    free = [i for i in range(len(problem)) if i not in hard]
+    if len(free) <= exact_limit:
+        return _enumerate(problem, free, max_bytes)
+    high = _point(problem, min_cut(problem, byte_scale=1, flop_price=total_bytes, weighted=False, banned=hard))
+    if high[0] <= max_bytes or low[1] <= high[1]:
+        return high[2] if high[0] <= max_bytes else low[2]
+    for _ in range(64):  # one new hull vertex per step; 64 is far more than ever seen
+        scale, price = low[1] - high[1], high[0] - low[0]
+        mid = _point(problem, min_cut(problem, byte_scale=scale, flop_price=price, weighted=False, banned=hard))
+        on_segment = mid[0] * scale + mid[1] * price == low[0] * scale + low[1] * price
+        if on_segment:
+            return mid[2] if mid[0] <= max_bytes and mid[1] < low[1] else low[2]
+        if mid[0] <= max_bytes:
+            low = mid
+        else:
+            high = mid
+    return low[2]
+
+
+def _point(problem: Any, cut: Cut) -> tuple[int, int, Cut]:
+    saved_bytes, flops = plan_cost(problem, set(cut.recomputed))
+    return saved_bytes, flops, cut
+
+
+def _enumerate(problem: Any, free: list[int], max_bytes: int) -> Cut:
+    """Exact search over every recompute set of the free values (bitmask arithmetic)."""
+    pred_mask = [0] * len(problem)  # per value: its producers, as a mask over all values
+    for u, v in problem.edges:
+        pred_mask[v] |= 1 << u
+    needed = sum(1 << i for i in problem.needed)
+    never = sum(1 << i for i, w in enumerate(problem.save_weight) if w is None)
+    best: tuple[int, int, int] | None = None
+    for r in range(len(free) + 1):
+        for combo in itertools.combinations(free, r):
+            recomputed = 0
+            reads = needed
+            flops = 0
+            for v in combo:
+                recomputed |= 1 << v
+                reads |= pred_mask[v]
+                flops += problem.recompute_cost[v]
+            saved = reads & ~recomputed
+            if saved & never or (best is not None and flops > best[0]):
+                continue
+            saved_bytes = sum(problem.nbytes[i] for i in _bits(saved))
+            if saved_bytes <= max_bytes and (best is None or (flops, saved_bytes) < best[:2]):
+                best = (flops, saved_bytes, recomputed)
+    if best is None:
+        raise BudgetTooSmall(max_bytes, -1)
+    recomputed_set = set(_bits(best[2]))
+    return Cut(tuple(sorted(saved_of(problem, recomputed_set))), tuple(sorted(recomputed_set)))
+
+
+def _bits(mask: int) -> list[int]:
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out

@@ -1,0 +1,284 @@
+"""Decide step of the partitioner: turn a joint graph into a small, torch-free cut problem.
+
+:func:`build_problem` reads an AOTAutograd joint graph and returns a :class:`Problem`: the
+forward values that could be saved for, or recomputed in, the backward, the data edges
+between them, what saving each one costs in bytes, what recomputing it costs in FLOPs,
+and which ones are forced either way. The solver in :mod:`ckpt_compile.passes.mincut`
+sees only this plain data.
+
+Example::
+
+    >>> import torch
+    >>> from torch.fx.experimental.proxy_tensor import make_fx
+    >>> def joint(primals, tangents):
+    ...     y = torch.ops.aten.sin.default(primals)
+    ...     g = torch.ops.aten.mul.Tensor(tangents, torch.ops.aten.cos.default(y))
+    ...     return [y, g]
+    >>> gm = make_fx(joint)(torch.randn(4), torch.randn(4))
+    >>> problem = build_problem(gm, num_fwd_outputs=1).problem
+    >>> problem.names, [problem.names[i] for i in sorted(problem.needed)]
+    (('primals_1', 'sin', 'cos'), ['cos'])
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.utils.checkpoint import CheckpointPolicy
+from torch.utils.flop_counter import flop_registry
+
+aten = torch.ops.aten
+
+# Compute-bound ops: outside a checkpoint region recomputing them is never worth the bytes
+# it saves at memory_budget=1 (the same judgement torch's partitioner makes).
+_EXPENSIVE = frozenset(
+    [
+        aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.addbmm, aten._scaled_mm,
+        aten.convolution, aten._convolution, aten.cudnn_convolution,
+        aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_efficient_attention,
+        aten._scaled_dot_product_cudnn_attention, aten._scaled_dot_product_flash_attention_for_cpu,
+        aten._flash_attention_forward, aten._efficient_attention_forward,
+    ]
+)
+# Attention kernels carry a dropout_p argument and the random-op tag, but draw no random
+# numbers when dropout_p is 0 (on CPU every SDPA call is tagged random, see NOTES).
+_ATTENTION = frozenset(p for p in _EXPENSIVE if "attention" in p.__name__)
+# The CPU flash kernel has no flop formula of its own; its leading (q, k, v) arguments
+# match the CUDA flash kernel's, so that formula applies.
+_FLOP_ALIAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: aten._scaled_dot_product_flash_attention
+}
+# Cost factors of saving a value at memory_budget=1, in quarters of its bytes: PREFER_* tags
+# are honoured as weights, MUST_* tags as hard constraints (see _classify).
+_SAVE_FACTOR = {CheckpointPolicy.PREFER_SAVE: 1, None: 4, CheckpointPolicy.PREFER_RECOMPUTE: 16}
+_OFFLOAD = (CheckpointPolicy.MUST_CPU_OFFLOAD, CheckpointPolicy.PREFER_CPU_OFFLOAD)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A cut problem over forward values, indices 0..n-1 in graph order.
+
+    ``edges`` are data edges ``(producer, consumer)``. ``nbytes`` is what saving a value
+    really costs; ``save_weight`` is the weighted cost the b=1 cut minimises (``None``:
+    never saved). ``recompute_cost`` is in FLOPs. ``must_save`` values stay in the forward
+    (never recomputed); ``soft_banned`` ones only at memory_budget=1. ``needed`` values are
+    read by the backward directly.
+    """
+
+    names: tuple[str, ...]
+    edges: tuple[tuple[int, int], ...]
+    nbytes: tuple[int, ...]
+    save_weight: tuple[int | None, ...]
+    recompute_cost: tuple[int, ...]
+    must_save: frozenset[int]
+    soft_banned: frozenset[int]
+    needed: frozenset[int]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class JointInfo:
+    """A :class:`Problem` plus the graph facts the apply step needs (node-level, torch-side)."""
+
+    problem: Problem
+    nodes: tuple[fx.Node, ...]  # problem index -> joint node
+    forward: frozenset[fx.Node]  # computed by the forward no matter what (feeds its outputs)
+    backward: frozenset[fx.Node]  # depend on tangents (or must run in the backward)
+    reasons: dict[str, str]  # node name -> why it may not be recomputed
+    offload: frozenset[str]  # *_CPU_OFFLOAD values
+    regions: dict[str, int]  # node name -> ac_graph_id
+
+
+def _hint(x: Any) -> int:
+    """A concrete int for a size: symbolic sizes (sympy) are weighted through size hints."""
+    if isinstance(x, torch.SymInt):
+        return int(optimization_hint(x, fallback=8192))
+    return int(x)
+
+
+def _tensors(val: Any) -> list[torch.Tensor]:
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return [t for v in val for t in _tensors(v)]
+    return []
+
+
+def value_nbytes(val: Any) -> int:
+    """Bytes of the tensor(s) in a ``meta["val"]``, with size hints for symbolic sizes."""
+    return sum(math.prod(_hint(s) for s in t.shape) * t.element_size() for t in _tensors(val))
+
+
+def _packet(node: fx.Node) -> Any:
+    return getattr(node.target, "overloadpacket", None)
+
+
+def _is_view(node: fx.Node) -> bool:
+    return bool(getattr(node.target, "is_view", False))
+
+
+def _is_random(node: fx.Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.nondeterministic_seeded not in tags:
+        return False
+    if _packet(node) in _ATTENTION:
+        return _argument(node, "dropout_p", 0.0) != 0.0
+    return True
+
+
+def _argument(node: fx.Node, name: str, default: Any) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    for position, argument in enumerate(node.target._schema.arguments):
+        if argument.name == name:
+            return node.args[position] if position < len(node.args) else default
+    return default
+
+
+def _is_mutation(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def node_flops(node: fx.Node) -> int:
+    """Estimated FLOPs of one node: ``torch.utils.flop_counter`` formulas where one is
+    registered, else one per output element (pointwise and reductions); views are free."""
+    if node.op != "call_function" or node.target is operator.getitem or _is_view(node):
+        return 0
+    packet = _packet(node)
+    formula = flop_registry.get(_FLOP_ALIAS.get(packet, packet))
+    if formula is not None:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+        try:
+            return _hint(formula(*args, out_val=node.meta.get("val"), **kwargs))
+        except Exception:  # a formula that cannot read these shapes: fall back to numel
+            pass
+    return sum(math.prod(_hint(s) for s in t.shape) for t in _tensors(node.meta.get("val")))
+
+
+def _is_input(node: fx.Node) -> bool:
+    return node.op in ("placeholder", "get_attr")
+
+
+def _is_backward_input(node: fx.Node) -> bool:
+    name = str(node.target)
+    return node.op == "placeholder" and (
+        name.startswith("tangents") or name.startswith("bwd_seed") or name.startswith("bwd_base")
+        or type(node.meta.get("val")).__name__ == "BackwardState"
+    )
+
+
+def _classify(node: fx.Node, in_region: bool) -> tuple[str | None, bool]:
+    """(reason it may never be recomputed or None, whether the ban lifts below budget 1)."""
+    policy = node.meta.get("recompute")
+    if _is_input(node):
+        return "graph input", False
+    if node.meta.get("partitioner_tag") == "must_be_in_forward" or _is_mutation(node):
+        return "mutates its input", False
+    if policy in (CheckpointPolicy.MUST_SAVE, *_OFFLOAD):
+        return f"tagged {policy.name}", False
+    if _is_random(node) and not node.meta.get("ckpt_rng_exact", False):
+        # Random ops are not recomputed unless the tagging pass made their recompute exact.
+        return "random op without exact recompute", False
+    val = node.meta.get("val")
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return "symbolic size (saved as a SymInt)", False
+    if not _tensors(val) and not isinstance(val, (list, tuple)):
+        return "not a tensor", False
+    if _packet(node) in _EXPENSIVE and not in_region:
+        # Expensive ops are not recomputed outside checkpoint regions (at memory_budget=1).
+        return "expensive op outside a checkpoint region", True
+    return None, False
+
+
+def _save_weight(node: fx.Node, nbytes: int) -> int | None:
+    policy = node.meta.get("recompute")
+    if _is_input(node) or isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return 0  # parameters, graph inputs and SymInts cost nothing to save
+    if policy == CheckpointPolicy.MUST_RECOMPUTE:
+        return None  # MUST_RECOMPUTE: never saved
+    if policy in (CheckpointPolicy.MUST_SAVE, *_OFFLOAD):
+        return nbytes * 4
+    if _is_view(node) or isinstance(node.meta.get("val"), (list, tuple)):
+        return None  # views are never worth saving on their own (save the base); nor tuples
+    return nbytes * _SAVE_FACTOR.get(policy, 4)
+
+
+def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> JointInfo:
+    """Build the cut problem of a joint graph (see the module docstring)."""
+    graph = joint_module.graph
+    output = graph.output_node()
+    outputs = [a for a in torch.utils._pytree.arg_tree_leaves(*output.args) if isinstance(a, fx.Node)]
+    flat_outputs = torch.utils._pytree.arg_tree_leaves(*output.args)
+    fwd_outputs = [o for o in flat_outputs[:num_fwd_outputs] if isinstance(o, fx.Node)]
+    bwd_outputs = [o for o in flat_outputs[num_fwd_outputs:] if isinstance(o, fx.Node)]
+
+    backward: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        if (
+            _is_backward_input(node)
+            or node.meta.get("partitioner_tag") == "must_be_in_backward"
+            or (node.meta.get("partitioner_tag") == "is_backward" and _is_mutation(node))
+            or any(a in backward for a in node.all_input_nodes)
+        ):
+            backward.add(node)
+    forward = _ancestors(fwd_outputs, stop=backward)
+    del outputs
+
+    # Values the backward reads directly, then only their forward ancestors matter.
+    needed_nodes = {a for n in backward for a in n.all_input_nodes if a not in backward}
+    needed_nodes.update(o for o in bwd_outputs if o not in backward)
+    relevant = _ancestors(needed_nodes, stop=backward)
+    nodes = tuple(n for n in graph.nodes if n in relevant)
+    index = {n: i for i, n in enumerate(nodes)}
+
+    edges, nbytes, weights, costs = [], [], [], []
+    must_save, soft_banned, reasons, offload, regions = set(), set(), {}, set(), {}
+    for i, node in enumerate(nodes):
+        edges.extend((index[a], i) for a in node.all_input_nodes if a in index)
+        size = 0 if _is_input(node) else value_nbytes(node.meta.get("val"))
+        nbytes.append(size)
+        weights.append(_save_weight(node, size))
+        # Unclaimed values (not needed by the forward outputs) run once either way: free.
+        costs.append(node_flops(node) if node in forward else 0)
+        in_region = "recompute" in node.meta
+        if in_region and "ac_graph_id" in node.meta:
+            regions[node.name] = int(node.meta["ac_graph_id"])
+        reason, soft = _classify(node, in_region)
+        if reason is not None:
+            reasons[node.name] = reason
+            (soft_banned if soft else must_save).add(i)
+        if node.meta.get("recompute") in _OFFLOAD:
+            offload.add(node.name)
+    problem = Problem(
+        names=tuple(n.name for n in nodes),
+        edges=tuple(edges),
+        nbytes=tuple(nbytes),
+        save_weight=tuple(weights),
+        recompute_cost=tuple(costs),
+        must_save=frozenset(must_save),
+        soft_banned=frozenset(soft_banned),
+        needed=frozenset(index[n] for n in needed_nodes),
+    )
+    return JointInfo(problem, nodes, frozenset(forward), frozenset(backward), reasons, frozenset(offload), regions)
+
+
+def _ancestors(roots: Any, *, stop: set[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [r for r in roots if r not in stop]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(a for a in node.all_input_nodes if a not in stop and a not in seen)
+    return seen
