@@ -95,10 +95,10 @@ class _CkptPartitioner(CustomPartitionerFn):
         self.reports: list[dict[str, Any]] = []
 
     def __call__(self, joint_module, joint_inputs, **kwargs):
-        from ckpt_compile.passes import partition, tag_recompute
+        from ckpt_compile import passes
 
-        joint_module = tag_recompute(joint_module)
-        partition_fn = self.partition_fn or partition
+        joint_module = passes.tag_recompute(joint_module)
+        partition_fn = self.partition_fn or passes.partition
         fw_module, bw_module = partition_fn(
             joint_module, joint_inputs, memory_budget=self.options.memory_budget, **kwargs
         )
@@ -249,11 +249,11 @@ def _saved_values(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[fx.No
 
 
 def _nbytes(node: fx.Node) -> int:
-    from torch.fx.experimental.symbolic_shapes import hint_int
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
 
     value = node.meta["val"]
     # Symbolic sizes (dynamic=True) are counted at their size hints.
-    return hint_int(value.numel(), fallback=1) * value.element_size()
+    return optimization_hint(value.numel(), fallback=1) * value.element_size()
 
 
 def _emit_report(reports: list[dict[str, Any]], opts: BackendOptions) -> None:

@@ -29,8 +29,10 @@ for the region and its recomputation (``_run_fn_with_dynamo_disabled`` semantics
 """
 from __future__ import annotations
 
+import torch
 import torch.utils.checkpoint as torch_checkpoint
 
+from ckpt_compile import _checkpoint
 from ckpt_compile._common import noop_context_fn
 
 __all__ = ["checkpoint_under_dynamo"]
@@ -62,18 +64,28 @@ def checkpoint_under_dynamo(
         raise ValueError(
             "Passing `context_fn` or `debug` is only supported when use_reentrant=False."
         )
-    # Dynamo tests `context_fn is torch's noop_context_fn` to choose plain checkpointing;
-    # ours is a different function object with the same meaning.
-    if context_fn is noop_context_fn:
-        context_fn = torch_checkpoint.noop_context_fn
+    # Dynamo chooses plain checkpointing only when no context_fn is passed at all (any
+    # context_fn argument, even torch's noop_context_fn, is taken as a selective policy).
+    if context_fn is not noop_context_fn and context_fn is not torch_checkpoint.noop_context_fn:
+        kwargs["context_fn"] = context_fn
     return torch_checkpoint.checkpoint(
         function,
         *args,
         use_reentrant=False,
-        context_fn=context_fn,
         determinism_check=determinism_check,
         debug=debug,
         early_stop=early_stop,
         preserve_rng_state=preserve_rng_state,
         **kwargs,
     )
+
+
+# After a graph break at a checkpoint call, Dynamo runs the call eagerly but would start a
+# fresh trace at the frames of `ckpt_compile.checkpoint` and of this function, fail inside
+# the region again, and end in torch's eager checkpoint. Marking just these two code
+# objects as frames to skip keeps the fallback on our eager engine (whose recompute runs
+# with Dynamo disabled); inlining them while tracing a caller is unaffected. Done at import
+# because this module is first imported by the first trace, before any fallback can run.
+for _code in (_checkpoint.checkpoint.__code__, checkpoint_under_dynamo.__code__):
+    torch._dynamo.eval_frame.skip_code(_code)
+del _code
