@@ -72,7 +72,9 @@ def _wrap_with_callable_policy(
         if not policy(module=module, recurse=True, nonwrapped_numel=numel):
             return module, 0
         wrapped_numel = 0
-        for name, child in list(module.named_children()):
+        for name, child in list(module._modules.items()):  # shared ones too
+            if child is None:
+                continue
             if id(child) in replaced:
                 replacement, _ = replaced[id(child)]  # shared module: counted once, above
                 child_numel = 0
@@ -95,7 +97,9 @@ def _wrap_targets_post_order(
     replaced: dict[int, nn.Module] = {}
 
     def visit(module: nn.Module) -> nn.Module:
-        for name, child in list(module.named_children()):
+        for name, child in list(module._modules.items()):  # shared ones too
+            if child is None:
+                continue
             if id(child) not in replaced:
                 replaced[id(child)] = visit(child)
             replacement = replaced[id(child)]

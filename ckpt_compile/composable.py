@@ -1,0 +1,229 @@
+"""Composable activation checkpointing: ``checkpoint(module)`` through forward hooks.
+
+A drop-in for ``torch.distributed._composable.checkpoint`` (torch 2.13). Nothing is
+wrapped and no name changes: a forward pre-hook opens a non-reentrant checkpoint region of
+:mod:`ckpt_compile`'s eager engine (its saved-tensor hooks) and a forward hook closes it.
+In backward, the region is recomputed by calling the module again with these two hooks
+switched off (its other hooks run again, as in PyTorch).
+
+Differences from PyTorch 2.13, on purpose:
+
+* ``debug=True`` works (PyTorch's composable API rejects it at the first forward);
+* the forward hook is registered with ``always_call=True`` and always closes the region,
+  so a forward that raises leaves no saved-tensor hooks behind: the next forward and
+  backward work normally;
+* bad input is reported when ``checkpoint(module, ...)`` is called, not at the first
+  forward: a non-module is a ``TypeError``, an unknown keyword or ``determinism_check`` a
+  ``ValueError`` naming the accepted ones.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+>>> keys = list(model.state_dict())
+>>> _ = checkpoint(model[0])
+>>> list(model.state_dict()) == keys
+True
+>>> model(torch.randn(3, 4)).sum().backward()
+>>> checkpoint.state(model[0]).enable_hook = False  # model[0] runs without checkpointing
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckpt_compile._common import _Switches
+from ckpt_compile._device_state import _ReplayState
+from ckpt_compile._non_reentrant import _DETERMINISM_CHECKS, _Frame, _install_hooks
+
+__all__ = ["checkpoint"]
+
+# The state lives in the module's __dict__ under this key: a plain attribute, so it is in
+# no state_dict and no named_* listing, and it travels with deepcopy.
+_STATE_KEY = "_ckpt_compile_composable_checkpoint"
+_ACCEPTED = ("use_reentrant", "preserve_rng_state", "context_fn", "determinism_check", "debug", "early_stop")
+
+
+class _AppliedTwiceError(ValueError, AssertionError):
+    """``checkpoint`` applied to a module that already has it.
+
+    A ``ValueError``; also an ``AssertionError``, the type PyTorch's composable
+    ``contract`` raises for this, so code written against PyTorch still catches it.
+    """
+
+
+@dataclasses.dataclass
+class _CheckpointState:
+    """What :func:`checkpoint` keeps on a module; ``checkpoint.state(module)`` returns it."""
+
+    enable_hook: bool
+    preserve_rng_state: bool
+    context_fn: Callable[[], tuple[Any, Any]] | None
+    determinism_check: str
+    debug: bool
+    early_stop: bool
+    # One entry per forward of this module in flight (a module may call itself).
+    open_regions: list[_Region] = dataclasses.field(default_factory=list)
+    # > 0 while the backward recomputes the module: its calls open no region.
+    recomputing: int = 0
+
+
+@dataclasses.dataclass
+class _Region:
+    frame: _Frame
+    replay: _ReplayState
+    contexts: contextlib.ExitStack
+
+
+def checkpoint(module: nn.Module, **kwargs: Any) -> nn.Module:
+    """Apply activation checkpointing to ``module`` in place, through forward hooks.
+
+    Every forward of ``module`` becomes a non-reentrant :func:`ckpt_compile.checkpoint`
+    region (positional and keyword inputs, any outputs); its fully-qualified names, its
+    ``state_dict`` and its class are unchanged. Returns ``module``.
+
+    Args:
+        module: the module (a ``TypeError`` otherwise).
+        **kwargs: ``preserve_rng_state`` (default True: dropout draws the same values in the
+            recomputation), ``context_fn``, ``determinism_check`` (``"default"``),
+            ``debug`` (False) and ``early_stop`` (True), with the meaning they have in
+            :func:`ckpt_compile.checkpoint`. ``use_reentrant=True`` is a
+            ``NotImplementedError``: the reentrant engine cannot be split into hooks.
+
+    ``checkpoint.state(module).enable_hook = False`` switches checkpointing off for later
+    forwards of ``module`` (and ``True`` back on). Applying it twice to one module raises.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"ckpt_compile.composable.checkpoint: expected an nn.Module, got "
+            f"{type(module).__qualname__}. Apply it to each module separately."
+        )
+    if _STATE_KEY in module.__dict__:
+        raise _AppliedTwiceError(
+            f"ckpt_compile.composable.checkpoint can only be applied to a module once; it was "
+            f"already applied to this {type(module).__name__}. To switch it off and on, set "
+            f"checkpoint.state(module).enable_hook."
+        )
+    state = _parse_options(kwargs)
+    object.__setattr__(module, _STATE_KEY, state)
+    module.register_forward_pre_hook(_open_region, with_kwargs=True)
+    # prepend: close our region before other forward hooks run (they are outside it, as in
+    # PyTorch); always_call: close it even when the forward raises.
+    module.register_forward_hook(_close_region, prepend=True, always_call=True)
+    return module
+
+
+def _state(module: nn.Module) -> _CheckpointState:
+    """The :func:`checkpoint` state of ``module`` (``enable_hook`` and the options)."""
+    state = module.__dict__.get(_STATE_KEY)
+    if state is None:
+        raise ValueError(
+            f"checkpoint.state: checkpoint(module) was not applied to this "
+            f"{type(module).__name__}; call ckpt_compile.composable.checkpoint(module) first."
+        )
+    return state
+
+
+checkpoint.state = _state  # type: ignore[attr-defined]  # PyTorch's spelling: checkpoint.state(m)
+
+
+def _parse_options(kwargs: dict[str, Any]) -> _CheckpointState:
+    options = dict(kwargs)
+    if options.pop("use_reentrant", False):
+        raise NotImplementedError(
+            "use_reentrant=True is not supported by ckpt_compile.composable.checkpoint: the "
+            "reentrant engine runs the whole forward inside one autograd Function and cannot "
+            "be split into forward hooks. Use use_reentrant=False (the default), or wrap the "
+            "module with ckpt_compile.checkpoint_wrapper(module, CheckpointImpl.REENTRANT)."
+        )
+    state = _CheckpointState(
+        enable_hook=True,
+        preserve_rng_state=options.pop("preserve_rng_state", True),
+        context_fn=options.pop("context_fn", None),
+        determinism_check=options.pop("determinism_check", "default"),
+        debug=options.pop("debug", False),
+        early_stop=options.pop("early_stop", True),
+    )
+    if options:
+        raise ValueError(
+            f"ckpt_compile.composable.checkpoint: unexpected keyword arguments "
+            f"{', '.join(sorted(options))}; accepted: {', '.join(_ACCEPTED)}."
+        )
+    if state.determinism_check not in _DETERMINISM_CHECKS:
+        raise ValueError(
+            f"determinism_check should be one of {list(_DETERMINISM_CHECKS)}, but got "
+            f"{state.determinism_check!r}"
+        )
+    if state.context_fn is not None and not callable(state.context_fn):
+        raise TypeError(
+            f"context_fn must be a callable returning two context managers, got {state.context_fn!r}."
+        )
+    return state
+
+
+@contextlib.contextmanager
+def _recomputing(state: _CheckpointState, inner: Any) -> Iterator[None]:
+    """The recomputation calls the module again: our hooks must not open a new region."""
+    state.recomputing += 1
+    try:
+        with inner if inner is not None else contextlib.nullcontext():
+            yield
+    finally:
+        state.recomputing -= 1
+
+
+def _open_region(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    state = module.__dict__[_STATE_KEY]
+    if not state.enable_hook or state.recomputing or not torch.is_grad_enabled():
+        return  # like ckpt_compile.checkpoint: nothing is saved, so nothing to checkpoint
+    forward_context, recompute_context, on_error = _contexts(state)
+    replay = _ReplayState.capture(args, state.preserve_rng_state)
+
+    def recompute(*inputs: Any) -> None:
+        with replay.replay(_recomputing(state, recompute_context)):
+            module(*inputs, **kwargs)
+
+    early_stop = _Switches.early_stop if _Switches.early_stop is not None else state.early_stop
+    frame = _Frame(recompute, _DETERMINISM_CHECKS[state.determinism_check], early_stop, on_error)
+    frame.save_inputs(args)
+    contexts = contextlib.ExitStack()
+    try:
+        contexts.enter_context(_install_hooks(frame))
+        contexts.enter_context(forward_context)
+    except BaseException:
+        contexts.close()
+        raise
+    state.open_regions.append(_Region(frame, replay, contexts))
+
+
+def _close_region(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    state = module.__dict__[_STATE_KEY]
+    if state.recomputing or not state.open_regions:
+        return  # this call opened no region
+    region = state.open_regions.pop()
+    region.contexts.close()
+    # Also reached when the forward raised (always_call): the region is then simply
+    # dropped, its saved-tensor hooks already popped by close() above.
+    region.frame.forward_completed = True
+    region.replay.check_no_device_init_in_forward()
+
+
+def _contexts(state: _CheckpointState) -> tuple[Any, Any, Any]:
+    """(forward context, recompute context, error callback) for one region."""
+    debug = _Switches.debug if _Switches.debug is not None else state.debug
+    if debug:
+        if state.context_fn is not None:
+            raise ValueError("debug=True is incompatible with non-default context_fn")
+        from ckpt_compile._debug import _DebugTraces
+
+        traces = _DebugTraces()
+        forward_context, recompute_context = traces.contexts()
+        return forward_context, recompute_context, traces.raise_with_traces
+    if state.context_fn is None:
+        return contextlib.nullcontext(), None, None
+    forward_context, recompute_context = state.context_fn()
+    return forward_context, recompute_context, None
