@@ -30,7 +30,7 @@ def _user_location() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not (filename.startswith((_TORCH_DIR, _OUR_DIR, _PYTHON_DIR)) or filename.startswith("<")):
+        if not (filename.startswith((_TORCH_DIR, _OUR_DIR, _PYTHON_DIR)) or filename.startswith("<frozen")):
             return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
         frame = frame.f_back
     return "<unknown>"

@@ -178,7 +178,7 @@ def _describe_mismatch(index: int, before: tuple, after: tuple) -> str:
     names = ("shape", "dtype", "device")
     diffs = [f"{name} {a} -> {b}" for name, a, b in zip(names, before, after) if a != b]
     return (
-        f"tensor at position {index} (the {index + 1}th tensor saved for backward):\n"
+        f"tensor at position {index} (saved tensor #{index + 1} of the region):\n"
         f"saved metadata: shape={before[0]}, dtype={before[1]}, device={before[2]}\n"
         f"recomputed metadata: shape={after[0]}, dtype={after[1]}, device={after[2]}\n"
         f"differs in: {'; '.join(diffs)}\n"

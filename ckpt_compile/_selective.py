@@ -30,7 +30,6 @@ _OFFLOAD = frozenset(
     for name in ("MUST_CPU_OFFLOAD", "PREFER_CPU_OFFLOAD")
     if hasattr(CheckpointPolicy, name)
 )
-_RECOMPUTE_POLICIES = frozenset({CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE})
 
 
 def _ignored_ops() -> frozenset:
