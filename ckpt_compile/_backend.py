@@ -210,27 +210,22 @@ def _consts(code: types.CodeType) -> tuple:
 
 
 def _graph_report(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int):
-    """Graph sizes and saved bytes of one partition (the plan's figures where present)."""
-    plan = fw_module.meta.get("ckpt_plan")
-    saved = _saved_values(fw_module, num_fwd_outputs)
+    """Graph sizes and saved bytes of one partition, plus the plan's figures."""
+    # Saved activations exclude the graph's own inputs (parameters, user inputs), which
+    # stay alive whether or not anything is checkpointed; counted from the forward graph
+    # itself, independently of the plan.
+    saved = [n for n in _saved_values(fw_module, num_fwd_outputs) if n.op != "placeholder"]
     report: dict[str, Any] = {
         "forward_nodes": _count_ops(fw_module),
         "backward_nodes": _count_ops(bw_module),
         "saved_tensors": len(saved),
         "saved_bytes": sum(_nbytes(n) for n in saved),
-        # Saved activations exclude the graph's own inputs (parameters, user inputs),
-        # which stay alive whether or not anything is checkpointed.
-        "saved_activation_bytes": sum(_nbytes(n) for n in saved if n.op != "placeholder"),
     }
+    plan = fw_module.meta.get("ckpt_plan")
     if plan is not None:
-        report["plan_saved_bytes"] = getattr(plan, "saved_bytes", None)
-        for field in ("recomputed", "offloaded", "banned"):
-            names = getattr(plan, field, None)
-            if names is not None:
-                report[f"{field}_nodes"] = len(names)
-        flops = getattr(plan, "recompute_flops", None)
-        if flops is not None:
-            report["recompute_flops"] = int(flops)
+        report["recomputed_nodes"] = len(plan.recomputed)
+        report["offloaded_nodes"] = len(plan.offloaded)
+        report["recompute_flops"] = int(plan.recompute_flops)
     return report
 
 

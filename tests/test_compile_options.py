@@ -1,0 +1,295 @@
+"""backend="ckpt" without running a compile: options, registration, the tagging pass."""
+from __future__ import annotations
+
+import functools
+import math
+import subprocess
+import sys
+import textwrap
+
+import expecttest
+import pytest
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+import ckpt_compile as cc
+from ckpt_compile import _backend
+from ckpt_compile._options import BackendOptions
+from ckpt_compile.passes import tag_recompute
+
+aten = torch.ops.aten
+
+
+# ---------------------------------------------------------------- options
+
+
+class TestOptionMessages(expecttest.TestCase):
+    def test_unknown_option_lists_valid_ones(self):
+        with self.assertRaises(ValueError) as e:
+            BackendOptions.from_mapping({"budget": 0.5})
+        self.assertExpectedInline(str(e.exception), """backend="ckpt": unknown option 'budget'. Valid options: memory_budget (float in (0, 1], default 1.0), inner ('inductor' or 'eager', default 'inductor'), report (False, True, or a path to write JSON, default False).""")
+
+    def test_budget_out_of_range(self):
+        with self.assertRaises(ValueError) as e:
+            BackendOptions.from_mapping({"memory_budget": 1.5})
+        self.assertExpectedInline(str(e.exception), """backend="ckpt": option 'memory_budget' must be in (0, 1], got 1.5. Valid options: memory_budget (float in (0, 1], default 1.0), inner ('inductor' or 'eager', default 'inductor'), report (False, True, or a path to write JSON, default False).""")
+
+
+def test_defaults():
+    assert BackendOptions.from_mapping(None) == BackendOptions(1.0, "inductor", False)
+    assert BackendOptions.from_mapping({}) == BackendOptions()
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.0000001, math.nan, math.inf, True, "0.5", None])
+def test_bad_budget(budget):
+    with pytest.raises(ValueError, match="memory_budget.*Valid options"):
+        BackendOptions.from_mapping({"memory_budget": budget})
+
+
+@pytest.mark.parametrize("budget", [1, 0.25, 1e-6])
+def test_good_budget_is_float(budget):
+    opts = BackendOptions.from_mapping({"memory_budget": budget})
+    assert opts.memory_budget == float(budget) and isinstance(opts.memory_budget, float)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "Inductor", None, 1])
+def test_bad_inner(inner):
+    with pytest.raises(ValueError, match="'inner' must be one of"):
+        BackendOptions.from_mapping({"inner": inner})
+
+
+@pytest.mark.parametrize("report", [1, 0.5, "", ["a"]])
+def test_bad_report(report):
+    with pytest.raises(ValueError, match="report"):
+        BackendOptions.from_mapping({"report": report})
+
+
+def test_report_path_accepted(tmp_path):
+    opts = BackendOptions.from_mapping({"report": tmp_path / "r.json"})
+    assert opts.report == str(tmp_path / "r.json")
+
+
+def test_options_frozen():
+    opts = BackendOptions()
+    with pytest.raises(Exception):
+        opts.inner = "eager"
+
+
+def test_options_must_be_a_mapping():
+    with pytest.raises(ValueError, match="options must be a dict, got list"):
+        BackendOptions.from_mapping([("inner", "eager")])
+
+
+def test_backend_rejects_mode_and_bad_options_before_compiling():
+    gm = fx.symbolic_trace(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="does not take mode='max-autotune'"):
+        cc.backend(gm, [torch.randn(2)], mode="max-autotune")
+    with pytest.raises(ValueError, match="unknown option 'fullgraph'"):
+        cc.backend(gm, [torch.randn(2)], options={"fullgraph": True})
+
+
+def test_torch_compile_reports_bad_options():
+    f = torch.compile(torch.sin, backend="ckpt", options={"memory_budget": 0})
+    with pytest.raises(Exception, match="memory_budget"):
+        f(torch.randn(3))
+
+
+# ---------------------------------------------------------------- registration
+
+
+def test_entry_point_resolves_without_importing_the_package():
+    # A fresh interpreter that only imports torch: the entry point must find us.
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from torch._dynamo.backends.registry import lookup_backend
+        assert "ckpt_compile" not in sys.modules
+        fn = lookup_backend("ckpt")
+        print(fn.__module__, fn.__qualname__)
+        f = torch.compile(lambda x: torch.utils.checkpoint.checkpoint(torch.sin, x, use_reentrant=False).sum(),
+                          backend="ckpt", options={"inner": "eager"}, fullgraph=True)
+        x = torch.randn(3, requires_grad=True)
+        f(x).backward()
+        print(torch.allclose(x.grad, x.detach().cos()))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ckpt_compile._backend", "backend", "True"]
+
+
+def test_backend_attribute_is_the_registered_callable():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert cc.backend is _backend.backend
+    assert lookup_backend("ckpt") is cc.backend
+
+
+# ---------------------------------------------------------------- tagging pass
+
+
+def _joint(spec):
+    """Build a joint-like graph. ``spec``: (name, target, input names, meta) rows."""
+    g = fx.Graph()
+    nodes = {"x": g.placeholder("x")}
+    for name, target, inputs, meta in spec:
+        args = tuple(nodes[i] if isinstance(i, str) and i in nodes else i for i in inputs)
+        node = g.call_function(target, args)
+        node.name = name
+        node.meta.update(meta)
+        nodes[name] = node
+    g.output(tuple(nodes[n] for n, *_ in spec[-1:]))
+    return fx.GraphModule(torch.nn.Module(), g), nodes
+
+
+def _fw(region=None, policy=CheckpointPolicy.PREFER_RECOMPUTE, **extra):
+    meta = {"partitioner_tag": "is_forward", **extra}
+    if region is not None:
+        meta.update(recompute=policy, ac_graph_id=region)
+    return meta
+
+
+BW = {"partitioner_tag": "is_backward"}
+
+
+def _policies(nodes):
+    return {n: node.meta.get("recompute") for n, node in nodes.items() if n != "x"}
+
+
+def test_region_boundaries_are_saved_inside_stay_recomputable():
+    # Two consecutive regions, then an op outside any region: the last node of each
+    # region feeds another region or the outside and must be saved, as eager does.
+    gm, nodes = _joint([
+        ("a1", aten.sin.default, ["x"], _fw(0)),
+        ("a2", aten.cos.default, ["a1"], _fw(0)),
+        ("b1", aten.sin.default, ["a2"], _fw(1)),
+        ("b2", aten.cos.default, ["b1"], _fw(1)),
+        ("out", aten.relu.default, ["b2"], _fw()),
+        ("g", aten.mul.Tensor, ["out", "b1"], BW),
+    ])
+    tag_recompute(gm)
+    P = CheckpointPolicy
+    assert _policies(nodes) == {
+        "a1": P.PREFER_RECOMPUTE, "a2": P.MUST_SAVE, "b1": P.PREFER_RECOMPUTE,
+        "b2": P.MUST_SAVE, "out": None, "g": None,
+    }
+    assert nodes["a2"].meta["ckpt_tag_reason"] == "boundary"
+
+
+def test_selective_policies_are_kept_and_bools_normalised():
+    gm, nodes = _joint([
+        ("mm", aten.mm.default, ["x", "x"], _fw(0, CheckpointPolicy.MUST_SAVE)),
+        ("relu", aten.relu.default, ["mm"], _fw(0, False)),
+        ("sin", aten.sin.default, ["relu"], _fw(0, "MUST_CPU_OFFLOAD")),
+        ("cos", aten.cos.default, ["sin"], _fw(0, True)),
+    ])
+    tag_recompute(gm)
+    P = CheckpointPolicy
+    assert _policies(nodes) == {
+        "mm": P.MUST_SAVE, "relu": P.PREFER_RECOMPUTE, "sin": P.MUST_CPU_OFFLOAD, "cos": P.MUST_SAVE,
+    }
+
+
+def test_bad_policy_names_the_node():
+    gm, _ = _joint([("sin", aten.sin.default, ["x"], _fw(0, "SAVE_IT"))])
+    with pytest.raises(ValueError, match=r"node %sin : .*aten.sin.default.*recompute policy 'SAVE_IT'"):
+        tag_recompute(gm)
+
+
+def test_random_op_and_its_mask_are_saved():
+    # eager-style dropout: rand_like -> gt (mask) -> mul with the activation.
+    gm, nodes = _joint([
+        ("h", aten.sin.default, ["x"], _fw(0)),
+        ("noise", aten.rand_like.default, ["h"], _fw(0)),
+        ("mask", aten.gt.Scalar, ["noise", 0.5], _fw(0)),
+        ("drop", aten.mul.Tensor, ["h", "mask"], _fw(0)),
+        ("y", aten.cos.default, ["drop"], _fw(0)),
+    ])
+    # rand_like reads `h` only for its shape; its value is still random.
+    tag_recompute(gm)
+    P = CheckpointPolicy
+    assert _policies(nodes) == {
+        "h": P.PREFER_RECOMPUTE, "noise": P.MUST_SAVE, "mask": P.MUST_SAVE,
+        "drop": P.PREFER_RECOMPUTE, "y": P.PREFER_RECOMPUTE,
+    }
+    assert not any(n.meta.get("ckpt_rng_exact") for n in nodes.values())
+
+
+def test_seeded_inductor_random_is_marked_exact():
+    seeds = torch.ops.prims.inductor_seeds.default
+    gm, nodes = _joint([
+        ("seeds", seeds, [1, torch.device("cpu")], {"partitioner_tag": "is_forward"}),
+        ("seed", torch.ops.prims.inductor_lookup_seed.default, ["seeds", 0], _fw(0)),
+        ("noise", torch.ops.prims.inductor_random.default, [[4, 4], "seed", "rand"], _fw(0)),
+        ("mask", aten.gt.Scalar, ["noise", 0.5], _fw(0)),
+    ])
+    tag_recompute(gm)
+    assert nodes["noise"].meta["ckpt_rng_exact"] is True
+    assert nodes["noise"].meta["recompute"] is CheckpointPolicy.PREFER_RECOMPUTE
+    assert "recompute" not in nodes["seeds"].meta
+
+
+def test_annotated_regions_get_fresh_ids_and_policies():
+    gm, nodes = _joint([
+        ("a", aten.sin.default, ["x"], _fw(7)),
+        ("b", aten.cos.default, ["a"], _fw(custom={"ckpt_region": "mlp"})),
+        ("c", aten.mm.default, ["b", "b"], _fw(custom={"ckpt_region": "mlp", "ckpt_policy": "MUST_SAVE"})),
+        ("d", aten.relu.default, ["c"], _fw(custom={"ckpt_region": "mlp"})),
+        ("e", aten.relu.default, ["d"], _fw(custom={"ckpt_region": "other"})),
+        ("gb", aten.mul.Tensor, ["e", "e"], {**BW, "custom": {"ckpt_region": "other"}}),
+    ])
+    tag_recompute(gm)
+    ids = {n: node.meta.get("ac_graph_id") for n, node in nodes.items() if n != "x"}
+    assert ids == {"a": 7, "b": 8, "c": 8, "d": 8, "e": 9, "gb": None}
+    P = CheckpointPolicy
+    assert _policies(nodes) == {
+        "a": P.MUST_SAVE, "b": P.PREFER_RECOMPUTE, "c": P.MUST_SAVE, "d": P.MUST_SAVE,
+        "e": P.PREFER_RECOMPUTE, "gb": None,
+    }
+
+
+def test_tag_recompute_rejects_non_graph_module():
+    with pytest.raises(TypeError, match="expected a torch.fx.GraphModule.*got Linear"):
+        tag_recompute(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- cache key
+
+
+def _dynamo_graph(fn, *inputs):
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=True)(*inputs)
+    return graphs[0]
+
+
+def _policy_save_mm(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op == aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _policy_save_nothing(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_partitioner_uuid_changes_with_policy_and_options():
+    # node.meta is not in inductor's cache key: the uuid must carry the policy.
+    def make(policy):
+        ctx = functools.partial(cc.create_selective_checkpoint_contexts, policy)
+        return lambda x: cc.checkpoint(lambda t: (t @ t).relu(), x, use_reentrant=False, context_fn=ctx)
+
+    x = torch.randn(4, 4, requires_grad=True)
+    fp_mm = _backend._annotation_fingerprint(_dynamo_graph(make(_policy_save_mm), x))
+    fp_mm_again = _backend._annotation_fingerprint(_dynamo_graph(make(_policy_save_mm), x))
+    fp_none = _backend._annotation_fingerprint(_dynamo_graph(make(_policy_save_nothing), x))
+    assert fp_mm == fp_mm_again
+    assert fp_mm != fp_none
+    uuid = lambda opts, fp: _backend._CkptPartitioner(BackendOptions(**opts), fp).uuid()
+    assert uuid({}, fp_mm) == uuid({"report": True}, fp_mm)
+    assert uuid({}, fp_mm) != uuid({}, fp_none)
+    assert uuid({}, fp_mm) != uuid({"memory_budget": 0.5}, fp_mm)
