@@ -69,12 +69,9 @@ _RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE
 
 # Random ops whose recompute is exact: inductor's replace_random_passes rewrites every
 # random op of the joint graph into these, reading a seed that is computed once in the
-# forward (a nondeterministic `inductor_seeds` node outside any region).
-_SEEDED_RANDOM = frozenset(
-    op
-    for name in ("inductor_random", "inductor_randint")
-    if (op := getattr(getattr(torch.ops.prims, name, None), "default", None)) is not None
-)
+# forward (a nondeterministic `inductor_seeds` node outside any region). Matched by name:
+# the prims exist only once torch._inductor has been imported.
+_SEEDED_RANDOM = frozenset({"prims::inductor_random", "prims::inductor_randint"})
 
 # Annotation keys read from node.meta["custom"] (torch.fx.traceback.annotate).
 REGION_KEY = "ckpt_region"
@@ -157,12 +154,17 @@ def _is_random(node: fx.Node) -> bool:
     )
 
 
+def _is_seeded_random(node: fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target._schema.name in _SEEDED_RANDOM
+
+
 def _keep_random_exact(forward: list[fx.Node]) -> None:
     random_derived: set[fx.Node] = set()
     for node in forward:
         if "recompute" not in node.meta:
             continue
-        if node.target in _SEEDED_RANDOM:
+        if _is_seeded_random(node):
             node.meta["ckpt_rng_exact"] = True
             node.meta["ckpt_tag_reason"] = "random_exact"
             continue

@@ -217,6 +217,8 @@ def test_random_op_and_its_mask_are_saved():
 
 
 def test_seeded_inductor_random_is_marked_exact():
+    import torch._inductor.inductor_prims  # noqa: F401  (registers the prims)
+
     seeds = torch.ops.prims.inductor_seeds.default
     gm, nodes = _joint([
         ("seeds", seeds, [1, torch.device("cpu")], {"partitioner_tag": "is_forward"}),
