@@ -16,6 +16,11 @@ Differences from PyTorch 2.13, on purpose:
   forward: a non-module is a ``TypeError``, an unknown keyword or ``determinism_check`` a
   ``ValueError`` naming the accepted ones.
 
+Not for ``torch.compile``: Dynamo compiles the module's forward but the region's hooks run
+eagerly, so the recomputation does not match what the compiled forward saved (PyTorch's
+composable API fails the same way). Under compile use :func:`ckpt_compile.checkpoint_wrapper`
+or call :func:`ckpt_compile.checkpoint` in the model's forward.
+
 >>> import torch
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))

@@ -13,7 +13,6 @@ import pickle
 
 import pytest
 import torch
-import torch.distributed.algorithms._checkpoint.checkpoint_wrapper as torch_wrappers
 from torch import nn
 
 import ckpt_compile as cc
@@ -26,6 +25,9 @@ from ckpt_compile.wrappers import (
     checkpoint_wrapper,
     offload_wrapper,
 )
+
+# The reference implementation; absent on torch builds without distributed.
+torch_wrappers = pytest.importorskip("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
 
 LEAK = "_checkpoint_wrapped_module"
 

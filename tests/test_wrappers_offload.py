@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed.algorithms._checkpoint.checkpoint_wrapper as torch_wrappers
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckpt_compile._wrap_offload import offload_saved_tensors
 from ckpt_compile.wrappers import checkpoint_wrapper, offload_wrapper
+
+# The reference implementation; absent on torch builds without distributed.
+torch_wrappers = pytest.importorskip("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
