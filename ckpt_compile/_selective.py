@@ -170,6 +170,19 @@ class _SaveMode(TorchDispatchMode):
         return out
 
 
+def _cached_storages(forward_mode: _SaveMode) -> dict[int, int]:
+    """Storages (data pointer -> bytes) held by a region's cache: saved-activation memory
+    that a saved-tensors hook cannot see, because autograd does not save it."""
+    found: dict[int, int] = {}
+    for entries in forward_mode.storage.values():
+        for entry in entries.values():
+            for leaf in torch.utils._pytree.tree_leaves(entry):
+                if isinstance(leaf, _Cached):
+                    storage = leaf.value.untyped_storage()
+                    found[storage.data_ptr()] = storage.nbytes()
+    return found
+
+
 class _ReplayMode(TorchDispatchMode):
     """Recomputation half: hands back cached outputs, reruns everything else."""
 

@@ -150,3 +150,34 @@ def test_cuda_offload_moves_to_pinned_cpu_and_back():
     b = a.detach().clone().requires_grad_()
     _region(b, b).sum().backward()
     assert torch.allclose(a.grad, b.grad)
+
+
+def test_selective_saved_bytes_equal_torch_cache_included():
+    from ckpt_compile._selective import _cached_storages
+    from eager_utils import SavedBytes
+
+    totals = {}
+    for name, impl in IMPLS.items():
+        modes = []
+
+        def ctx():
+            fwd, rec = impl.create_selective_checkpoint_contexts([MM])
+            modes.append(fwd)
+            return fwd, rec
+
+        x = torch.randn(512, 512, requires_grad=True)  # 1 MiB per float32 tensor
+        counter = SavedBytes()
+        with counter():
+            y = impl.checkpoint(_region, x, x, use_reentrant=False, context_fn=ctx)
+        storages = dict(counter.storages)
+        if name == "ours":
+            storages.update(_cached_storages(modes[0]))
+        else:  # torch's cache: {op: {index: _VersionWrapper}}
+            for entries in modes[0].storage.values():
+                for entry in entries.values():
+                    if hasattr(entry, "val"):
+                        storages[entry.val.untyped_storage().data_ptr()] = entry.val.untyped_storage().nbytes()
+        totals[name] = sum(storages.values())
+        del y
+    # the input x (1 MiB) plus the two cached mm outputs (1 MiB each)
+    assert totals == {"ours": 3 * 2**20, "torch": 3 * 2**20}
