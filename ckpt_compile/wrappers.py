@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckpt_compile import _checkpoint as _engine
 from ckpt_compile import _wrap_policy
 from ckpt_compile._wrap_offload import offload_saved_tensors
 
@@ -168,8 +169,9 @@ class ActivationWrapper(nn.Module, abc.ABC):
         )
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
-        # The wrapped class may refresh derived state after a move (nn.RNNBase re-flattens
-        # its weights), so its own _apply must run; the tensors it touches are shared.
+        # The wrapped class may refresh derived state after a conversion (nn.RNNBase re-points
+        # its _flat_weights at new Parameters), so its own _apply must run; the tensors it
+        # touches are shared with us.
         self._checkpoint_wrapped_module._apply(fn, recurse)
         return self
 
@@ -213,10 +215,8 @@ class CheckpointWrapper(ActivationWrapper):
                     "checkpoint_wrapper: use_reentrant is set by checkpoint_impl; pass "
                     "checkpoint_impl=CheckpointImpl.REENTRANT (or NO_REENTRANT) instead."
                 )
-            from ckpt_compile._checkpoint import checkpoint
-
             checkpoint_fn = functools.partial(
-                checkpoint,
+                _engine.checkpoint,
                 use_reentrant=checkpoint_impl is CheckpointImpl.REENTRANT,
                 **checkpoint_fn_kwargs,
             )

@@ -305,6 +305,33 @@ def test_train_eval_dtype_and_apply_reach_the_wrapped_module():
     assert visited_ours == visited_theirs
 
 
+def test_class_specific_apply_runs_so_a_wrapped_lstm_converts_like_an_unwrapped_one():
+    # With overwrite-on-conversion, .double() creates new Parameters; nn.LSTM's own _apply
+    # must then re-point its _flat_weights at them (Module._apply alone leaves them stale).
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        torch.manual_seed(0)
+        lstm = nn.LSTM(4, 3, batch_first=True)
+        reference = copy.deepcopy(lstm).double()
+        wrapped = checkpoint_wrapper(lstm).double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    assert all(flat is p for flat, p in zip(lstm._flat_weights, wrapped.parameters()))
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(wrapped(x)[0], reference(x)[0], rtol=0, atol=0)
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run():
+    wrapped = checkpoint_wrapper(nn.Linear(2, 2))
+    seen = []
+    wrapped.register_state_dict_post_hook(lambda module, sd, prefix, meta: seen.append(("save", prefix)))
+    wrapped.register_load_state_dict_post_hook(lambda module, keys: seen.append(("load", list(keys.missing_keys))))
+    model = nn.Sequential(wrapped)
+    model.load_state_dict(model.state_dict())
+    assert seen == [("save", "0."), ("load", [])]
+
+
 def test_deepcopy_and_pickle_keep_wrapper_and_module_in_sync():
     model = make_net()
     apply_activation_checkpointing(model, check_fn=is_block)
