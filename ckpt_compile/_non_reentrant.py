@@ -200,6 +200,41 @@ def _install_hooks(frame: _Frame):
     return torch.autograd.graph.saved_tensors_hooks(frame.pack, unpack_reporting)
 
 
+def _region_contexts(context_fn: Callable, debug: bool):
+    """(forward context, recompute context, error callback) of one region.
+
+    ``set_checkpoint_debug_enabled`` overrides ``debug``; debug mode brings its own pair of
+    operator-tracing contexts, so it cannot be combined with a user ``context_fn``.
+    """
+    from ckpt_compile._common import _Switches, noop_context_fn
+
+    if _Switches.debug if _Switches.debug is not None else debug:
+        if context_fn is not noop_context_fn:
+            raise ValueError("debug=True is incompatible with non-default context_fn")
+        from ckpt_compile._debug import _DebugTraces
+
+        traces = _DebugTraces()
+        return (*traces.contexts(), traces.raise_with_traces)
+    forward_context, recompute_context = context_fn()
+    return forward_context, recompute_context, None
+
+
+def _metadata_fn(determinism_check: str):
+    metadata_fn = _DETERMINISM_CHECKS.get(determinism_check)
+    if metadata_fn is None:
+        raise ValueError(
+            f"determinism_check should be one of {list(_DETERMINISM_CHECKS)}, but got {determinism_check!r}"
+        )
+    return metadata_fn
+
+
+def _new_frame(run: Callable, metadata_fn, early_stop: bool, on_error) -> _Frame:
+    """A region's frame; ``set_checkpoint_early_stop`` overrides ``early_stop``."""
+    from ckpt_compile._common import _Switches
+
+    return _Frame(run, metadata_fn, _Switches.early_stop if _Switches.early_stop is not None else early_stop, on_error)
+
+
 def _checkpoint_non_reentrant(
     function: Callable,
     args: tuple,
@@ -211,38 +246,18 @@ def _checkpoint_non_reentrant(
     debug: bool,
     early_stop: bool,
 ):
-    from ckpt_compile._common import _Switches, noop_context_fn
-
-    on_error = None
-    if _Switches.debug if _Switches.debug is not None else debug:
-        if context_fn is not noop_context_fn:
-            raise ValueError("debug=True is incompatible with non-default context_fn")
-        from ckpt_compile._debug import _DebugTraces
-
-        traces = _DebugTraces()
-        context_fn, on_error = traces.contexts, traces.raise_with_traces
-    metadata_fn = _DETERMINISM_CHECKS.get(determinism_check)
-    if metadata_fn is None:
-        raise ValueError(
-            f"determinism_check should be one of {list(_DETERMINISM_CHECKS)}, but got {determinism_check!r}"
-        )
+    metadata_fn = _metadata_fn(determinism_check)
     if not torch.is_grad_enabled():
         # Nothing will be saved for backward: there is nothing to checkpoint.
         return function(*args, **kwargs)
-
-    forward_context, recompute_context = context_fn()
+    forward_context, recompute_context, on_error = _region_contexts(context_fn, debug)
     state = _ReplayState.capture(args, preserve_rng_state)
 
     def run(*inputs):
         with state.replay(recompute_context):
             function(*inputs, **kwargs)
 
-    frame = _Frame(
-        run,
-        metadata_fn,
-        _Switches.early_stop if _Switches.early_stop is not None else early_stop,
-        on_error,
-    )
+    frame = _new_frame(run, metadata_fn, early_stop, on_error)
     frame.save_inputs(args)
     completed = False
     with _install_hooks(frame), forward_context:

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckpt_compile._common import _Switches
+from ckpt_compile._common import noop_context_fn
 from ckpt_compile._device_state import _ReplayState
-from ckpt_compile._non_reentrant import _DETERMINISM_CHECKS, _Frame, _install_hooks
+from ckpt_compile._non_reentrant import _Frame, _install_hooks, _metadata_fn, _new_frame, _region_contexts
 
 __all__ = ["checkpoint"]
 
@@ -158,11 +158,7 @@ def _parse_options(kwargs: dict[str, Any]) -> _CheckpointState:
             f"ckpt_compile.composable.checkpoint: unexpected keyword arguments "
             f"{', '.join(sorted(options))}; accepted: {', '.join(_ACCEPTED)}."
         )
-    if state.determinism_check not in _DETERMINISM_CHECKS:
-        raise ValueError(
-            f"determinism_check should be one of {list(_DETERMINISM_CHECKS)}, but got "
-            f"{state.determinism_check!r}"
-        )
+    _metadata_fn(state.determinism_check)  # validated now, not at the first forward
     if state.context_fn is not None and not callable(state.context_fn):
         raise TypeError(
             f"context_fn must be a callable returning two context managers, got {state.context_fn!r}."
@@ -185,15 +181,14 @@ def _open_region(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     state = module.__dict__[_STATE_KEY]
     if not state.enable_hook or state.recomputing or not torch.is_grad_enabled():
         return  # like ckpt_compile.checkpoint: nothing is saved, so nothing to checkpoint
-    forward_context, recompute_context, on_error = _contexts(state)
+    forward_context, recompute_context, on_error = _region_contexts(state.context_fn or noop_context_fn, state.debug)
     replay = _ReplayState.capture(args, state.preserve_rng_state)
 
     def recompute(*inputs: Any) -> None:
         with replay.replay(_recomputing(state, recompute_context)):
             module(*inputs, **kwargs)
 
-    early_stop = _Switches.early_stop if _Switches.early_stop is not None else state.early_stop
-    frame = _Frame(recompute, _DETERMINISM_CHECKS[state.determinism_check], early_stop, on_error)
+    frame = _new_frame(recompute, _metadata_fn(state.determinism_check), state.early_stop, on_error)
     frame.save_inputs(args)
     contexts = contextlib.ExitStack()
     try:
@@ -215,20 +210,3 @@ def _close_region(module: nn.Module, args: tuple[Any, ...], output: Any) -> None
     # dropped, its saved-tensor hooks already popped by close() above.
     region.frame.forward_completed = True
     region.replay.check_no_device_init_in_forward()
-
-
-def _contexts(state: _CheckpointState) -> tuple[Any, Any, Any]:
-    """(forward context, recompute context, error callback) for one region."""
-    debug = _Switches.debug if _Switches.debug is not None else state.debug
-    if debug:
-        if state.context_fn is not None:
-            raise ValueError("debug=True is incompatible with non-default context_fn")
-        from ckpt_compile._debug import _DebugTraces
-
-        traces = _DebugTraces()
-        forward_context, recompute_context = traces.contexts()
-        return forward_context, recompute_context, traces.raise_with_traces
-    if state.context_fn is None:
-        return contextlib.nullcontext(), None, None
-    forward_context, recompute_context = state.context_fn()
-    return forward_context, recompute_context, None
