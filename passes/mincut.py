@@ -31,13 +31,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
-from networkx.algorithms.flow import preflow_push
+from networkx.algorithms.flow import boykov_kolmogorov
 
 SOURCE = ("source", "")
 SINK = ("sink", "")
-# Measured on joint graphs of 4..256 transformer blocks (benchmarks/partition.py, --flow):
-# preflow_push was fastest, 1.3-2.5x ahead of boykov_kolmogorov, dinitz and edmonds_karp.
-FLOW_FUNC = preflow_push
+# Measured with `benchmarks/partition.py --flow` on the b=1 cut of transformer joint graphs
+# (64 blocks, 7.4k nodes, without / with per-block checkpointing): boykov_kolmogorov
+# 0.30 / 0.31 s, preflow_push 1.08 / 1.35 s, shortest_augmenting_path 1.17 / 0.19 s,
+# edmonds_karp 6.3 / 0.31 s, dinitz 12.6 / 0.69 s. Only boykov_kolmogorov is fast on both.
+FLOW_FUNC = boykov_kolmogorov
 # Above this many recomputable values the budget solver walks the Lagrangian hull instead
 # of enumerating (2**16 plans take ~0.5 s in Python; the hull walk is a few max-flows).
 EXACT_LIMIT = 16
@@ -89,6 +91,14 @@ def min_cut(problem: Any, *, byte_scale: int = 1, flop_price: int = 0, weighted:
     cost, else the plain ``nbytes`` (never-saved values stay infinite). ``banned``
     defaults to ``must_save | soft_banned``.
     """
+    graph = _network(problem, byte_scale, flop_price, weighted, banned)
+    if SOURCE not in graph or SINK not in graph:
+        return Cut((), ())
+    residual = _max_flow(graph, value_only=True)
+    return _cut_of(problem, _reaching_sink(residual))
+
+
+def _network(problem: Any, byte_scale: int, flop_price: int, weighted: bool, banned: frozenset[int] | None) -> nx.DiGraph:
     banned = problem.must_save | problem.soft_banned if banned is None else banned
     graph = nx.DiGraph()
     for i in range(len(problem)):
@@ -104,16 +114,61 @@ def min_cut(problem: Any, *, byte_scale: int = 1, flop_price: int = 0, weighted:
         if i in problem.needed:
             graph.add_edge((i, "out"), SINK)
     graph.add_edges_from(((u, "out"), (v, "in")) for u, v in problem.edges)
-    if SOURCE not in graph or SINK not in graph:
-        return Cut((), ())
+    return graph
+
+
+def _max_flow(graph: nx.DiGraph, *, value_only: bool) -> nx.DiGraph:
     try:
-        residual = FLOW_FUNC(graph, SOURCE, SINK, capacity="capacity", value_only=True)
+        return FLOW_FUNC(graph, SOURCE, SINK, capacity="capacity", value_only=value_only)
     except nx.NetworkXUnbounded as e:
         raise InfeasibleCut(_infinite_path(graph)) from e
-    sink_side = _reaching_sink(residual)
+
+
+def _cut_of(problem: Any, sink_side: set[Any]) -> Cut:
     recomputed = {i for i in range(len(problem)) if (i, "in") in sink_side}
     saved = {i for i in range(len(problem)) if (i, "out") in sink_side and i not in recomputed}
     return Cut(tuple(sorted(saved)), tuple(sorted(recomputed)))
+
+
+def _residual_edges(residual: nx.DiGraph) -> list[tuple[Any, Any]]:
+    return [(u, v) for u, v, a in residual.edges(data=True) if a["capacity"] - a["flow"] > 0]
+
+
+def _segment_walk(problem: Any, scale: int, price: int, max_bytes: int, banned: frozenset[int]) -> Cut | None:
+    """Every minimum cut at the breakpoint price lies on the hull edge between its two
+    vertices. They are the closed sets of the residual network between the smallest and
+    the largest sink side; growing the sink side one strongly connected component at a
+    time (residual ancestors first) trades bytes for FLOPs at the constant edge slope. We
+    stop at the first cut within the budget: the most bytes, hence fewest FLOPs, on this
+    walk (not necessarily on the whole edge: picking the best closed set is a knapsack)."""
+    graph = _network(problem, scale, price, False, banned)
+    residual = _max_flow(graph, value_only=False)
+    sink_side = _reaching_sink(residual)
+    edges = nx.DiGraph(_residual_edges(residual))
+    from_source = nx.descendants(edges, SOURCE) | {SOURCE} if SOURCE in edges else {SOURCE}
+    middle = set(graph) - sink_side - from_source
+    dag = nx.condensation(edges.subgraph(middle))
+    for key in middle - set(dag.graph["mapping"]):  # middle nodes without residual edges
+        dag.add_node(len(dag), members={key})
+    saved_bytes = sum(problem.nbytes[i] for i in _cut_of(problem, sink_side).saved)
+    # A set closed under residual ancestors is a minimum cut: grow the sink side by
+    # components whose residual ancestors are all in already.
+    waiting = {c: dag.in_degree(c) for c in dag}
+    ready = [c for c, d in waiting.items() if d == 0]
+    while ready and saved_bytes > max_bytes:
+        # Finish with the component that overshoots the budget least, else make the most
+        # progress: fine steps near the budget, few steps far from it.
+        gains = {c: _gain(problem, sink_side, dag.nodes[c]["members"]) for c in ready}
+        finishing = [c for c in ready if saved_bytes - gains[c] <= max_bytes]
+        pick = min(finishing, key=lambda c: (gains[c], c)) if finishing else max(ready, key=lambda c: (gains[c], -c))
+        ready.remove(pick)
+        sink_side.update(dag.nodes[pick]["members"])
+        saved_bytes -= gains[pick]
+        for c in dag.successors(pick):
+            waiting[c] -= 1
+            if waiting[c] == 0:
+                ready.append(c)
+    return _cut_of(problem, sink_side) if saved_bytes <= max_bytes else None
 
 
 def _reaching_sink(residual: nx.DiGraph) -> set[Any]:
@@ -128,6 +183,17 @@ def _reaching_sink(residual: nx.DiGraph) -> set[Any]:
                 seen.add(u)
                 stack.append(u)
     return seen
+
+
+def _gain(problem: Any, sink_side: set[Any], members: set[Any]) -> int:
+    """Bytes saved less if ``members`` join the sink side."""
+    gain = 0
+    for i, half in members:
+        if half == "out" and (i, "in") not in sink_side and (i, "in") not in members:
+            gain -= problem.nbytes[i]  # becomes saved
+        elif half == "in" and ((i, "out") in sink_side):
+            gain += problem.nbytes[i]  # was saved, now recomputed
+    return gain
 
 
 def _infinite_path(graph: nx.DiGraph) -> list[int]:
@@ -165,7 +231,9 @@ def budget_cut(problem: Any, max_bytes: int, *, exact_limit: int = EXACT_LIMIT) 
         mid = _point(problem, min_cut(problem, byte_scale=scale, flop_price=price, weighted=False, banned=hard))
         on_segment = mid[0] * scale + mid[1] * price == low[0] * scale + low[1] * price
         if on_segment:
-            return mid[2] if mid[0] <= max_bytes and mid[1] < low[1] else low[2]
+            walked = _segment_walk(problem, scale, price, max_bytes, hard)
+            candidates = [p for p in (low, mid, walked and _point(problem, walked)) if p and p[0] <= max_bytes]
+            return min(candidates, key=lambda p: (p[1], p[0]))[2]
         if mid[0] <= max_bytes:
             low = mid
         else:

@@ -254,6 +254,10 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
         if in_region and "ac_graph_id" in node.meta:
             regions[node.name] = int(node.meta["ac_graph_id"])
         reason, soft = _classify(node, in_region)
+        if reason is None and in_region and weights[-1] is not None and _leaves_region(node, forward):
+            # A region's outputs are computed by the forward, as eager checkpoint returns them:
+            # the next region is recomputed from them, not from the start of the model.
+            reason, soft = "output of a checkpoint region", True
         if reason is not None:
             reasons[node.name] = reason
             (soft_banned if soft else must_save).add(i)
@@ -270,6 +274,11 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
         needed=frozenset(index[n] for n in needed_nodes),
     )
     return JointInfo(problem, nodes, frozenset(forward), frozenset(backward), reasons, frozenset(offload), regions)
+
+
+def _leaves_region(node: fx.Node, forward: set[fx.Node]) -> bool:
+    region = node.meta.get("ac_graph_id")
+    return any(u.meta.get("ac_graph_id") != region for u in node.users if u in forward)
 
 
 def _ancestors(roots: Any, *, stop: set[fx.Node]) -> set[fx.Node]:
