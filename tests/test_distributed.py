@@ -1,0 +1,229 @@
+"""Checkpointing composes with DDP and FSDP2: 2 ranks, gloo, CPU (issue 7).
+
+One spawned world (see ``dist_utils``) runs every scenario; each test then checks one
+scenario's per-rank results against a single process running the *unwrapped* model on
+the whole global batch: every parameter's gradient equal (DDP averages over ranks, FSDP2
+shards are gathered with ``DTensor.full_tensor()``), names equal to the unwrapped model's,
+and each block's forward counted twice per step (so the checkpointing really ran).
+The NCCL variant runs the same scenarios on 2 GPUs and skips cleanly without them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available in this build", allow_module_level=True)
+
+from dist_utils import (  # noqa: E402  (after the availability check)
+    Block,
+    Scenario,
+    build_model,
+    count_block_calls,
+    full_grads,
+    local_batch,
+    loss_fn,
+    reference_grads,
+    run_world,
+)
+
+from ckpt_compile.composable import checkpoint  # noqa: E402
+from ckpt_compile.wrappers import (  # noqa: E402
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+    offload_wrapper,
+)
+
+# How each scenario applies activation checkpointing to the blocks (by name, so scenario
+# arguments pickle into the spawned ranks).
+_WRAPPER_FNS = {
+    "checkpoint_wrapper": checkpoint_wrapper,
+    "checkpoint_wrapper_reentrant": functools.partial(
+        checkpoint_wrapper, checkpoint_impl=CheckpointImpl.REENTRANT
+    ),
+    "offload_wrapper": offload_wrapper,
+}
+
+
+def _apply_checkpointing(model: torch.nn.Module, how: str) -> None:
+    if how == "composable":
+        for block in model.blocks:
+            checkpoint(block)
+    elif how == "none":
+        pass
+    else:
+        apply_activation_checkpointing(
+            model, checkpoint_wrapper_fn=_WRAPPER_FNS[how], check_fn=lambda m: isinstance(m, Block)
+        )
+
+
+def _rank_device(rank: int, device: str) -> torch.device:
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device(device)
+
+
+# --- scenarios (run inside the spawned ranks) ---------------------------------------------
+
+
+def _ddp_step(rank, world_size, out_dir, how, device="cpu"):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = _rank_device(rank, device)
+    model = build_model()
+    calls = count_block_calls(model)  # on the blocks themselves, before any wrapping
+    _apply_checkpointing(model, how)
+    ddp = DDP(model.to(dev), device_ids=[dev.index] if device == "cuda" else None)
+    x, y = local_batch(rank, world_size, device=str(dev))
+    loss_fn(ddp(x), y).backward()
+    return {
+        "grads": full_grads(ddp.module),
+        "calls": list(calls),
+        "block_types": [type(b).__name__ for b in model.blocks],
+    }
+
+
+def _shard(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """The FSDP2 recipe: checkpointing already applied, shard each block, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(dev)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _fsdp2_step(rank, world_size, out_dir, how, device="cpu"):
+    dev = _rank_device(rank, device)
+    model = build_model()
+    calls = count_block_calls(model)
+    _apply_checkpointing(model, how)
+    _shard(model, dev)
+    x, y = local_batch(rank, world_size, device=str(dev))
+    loss_fn(model(x), y).backward()
+    return {
+        "grads": full_grads(model),  # full_tensor(): a collective, run on every rank
+        "calls": list(calls),
+        "grad_types": sorted({type(p.grad).__name__ for p in model.parameters()}),
+    }
+
+
+def _fsdp2_state_dict(rank, world_size, out_dir, device="cpu"):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)  # gathered, on every rank
+    dev = _rank_device(rank, device)
+    model = build_model()
+    _apply_checkpointing(model, "checkpoint_wrapper")
+    _shard(model, dev)
+    sharded = get_model_state_dict(model)
+    ckpt_dir = os.path.join(out_dir, f"dcp_{device}")
+    dcp.save(sharded, checkpoint_id=ckpt_dir)
+    saved_keys = list(dcp.FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata)
+
+    # Load into fresh models (other initial values) with each way of checkpointing, and
+    # into one with none: the checkpoint's names are the unwrapped model's.
+    loaded = {}
+    for how in ("none", "checkpoint_wrapper", "composable"):
+        other = build_model(seed=123)
+        _apply_checkpointing(other, how)
+        _shard(other, dev)
+        state = get_model_state_dict(other)
+        dcp.load(state, checkpoint_id=ckpt_dir)
+        set_model_state_dict(other, state)
+        loaded[how] = {k: v.cpu() for k, v in get_model_state_dict(other, options=full).items()}
+    return {
+        "keys": list(sharded),
+        "key_types": sorted({type(v).__name__ for v in sharded.values()}),
+        "saved_keys": saved_keys,
+        "full": {k: v.cpu() for k, v in get_model_state_dict(model, options=full).items()},
+        "loaded": loaded,
+    }
+
+
+# --- the world and the tests --------------------------------------------------------------
+
+DDP_WRAPPINGS = ("checkpoint_wrapper", "checkpoint_wrapper_reentrant", "offload_wrapper")
+FSDP2_WRAPPINGS = ("checkpoint_wrapper", "composable", "offload_wrapper")
+
+
+def _scenarios(device: str) -> list[Scenario]:
+    return [
+        *(Scenario(f"ddp-{how}", _ddp_step, {"how": how, "device": device}) for how in DDP_WRAPPINGS),
+        *(Scenario(f"fsdp2-{how}", _fsdp2_step, {"how": how, "device": device}) for how in FSDP2_WRAPPINGS),
+        Scenario("fsdp2-state-dict", _fsdp2_state_dict, {"device": device}),
+    ]
+
+
+def _have_two_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()
+
+
+@pytest.fixture(scope="module", params=["gloo-cpu", "nccl-cuda"])
+def world(request):
+    if request.param == "nccl-cuda":
+        if not _have_two_gpus():
+            pytest.skip("the NCCL variant needs 2 CUDA GPUs and NCCL")
+        return run_world(_scenarios("cuda"), backend="nccl", timeout_s=240)
+    return run_world(_scenarios("cpu"), backend="gloo", timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_grads()
+
+
+def _assert_grads_match(results, reference):
+    for rank, result in enumerate(results):
+        grads = result["grads"]
+        # Same names in the same order as the unwrapped model: no wrapper prefix anywhere.
+        assert list(grads) == list(reference), f"rank {rank}"
+        for name, expected in reference.items():
+            torch.testing.assert_close(grads[name], expected, msg=lambda m: f"rank {rank}, {name}: {m}")
+
+
+@pytest.mark.parametrize("how", DDP_WRAPPINGS)
+def test_ddp_apply_activation_checkpointing_matches_single_process(world, reference, how):
+    results = world.results(f"ddp-{how}")
+    _assert_grads_match(results, reference)
+    wrapper_type = "OffloadWrapper" if how == "offload_wrapper" else "CheckpointWrapper"
+    for result in results:
+        assert result["block_types"] == [wrapper_type, wrapper_type]
+        # checkpointed: forward + recomputation; offloaded: saved, not recomputed
+        assert result["calls"] == ([1, 1] if how == "offload_wrapper" else [2, 2])
+
+
+@pytest.mark.parametrize("how", FSDP2_WRAPPINGS)
+def test_fsdp2_fully_shard_per_block_matches_single_process(world, reference, how):
+    results = world.results(f"fsdp2-{how}")
+    _assert_grads_match(results, reference)
+    for result in results:
+        assert result["grad_types"] == ["DTensor"]  # really sharded
+        assert result["calls"] == ([1, 1] if how == "offload_wrapper" else [2, 2])
+
+
+def test_fsdp2_state_dict_and_dcp_round_trip_keep_unwrapped_names(world):
+    unwrapped = build_model().state_dict()
+    for result in world.results("fsdp2-state-dict"):
+        assert result["keys"] == list(unwrapped)
+        assert result["key_types"] == ["DTensor"]
+        assert sorted(result["saved_keys"]) == sorted(unwrapped)
+        for name, value in unwrapped.items():
+            assert torch.equal(result["full"][name], value), name
+        for how, state in result["loaded"].items():
+            assert list(state) == list(unwrapped), how
+            for name, value in unwrapped.items():
+                # bit-exact round trip, from other initial values (seed 123)
+                assert torch.equal(state[name], value), f"loaded into {how}: {name}"
