@@ -255,8 +255,9 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
             regions[node.name] = int(node.meta["ac_graph_id"])
         reason, soft = _classify(node, in_region)
         if reason is None and in_region and weights[-1] is not None and _leaves_region(node, forward):
-            # A region's outputs are computed by the forward, as eager checkpoint returns them:
-            # the next region is recomputed from them, not from the start of the model.
+            # A region's outputs that feed the next region stay computed by the forward (as
+            # eager checkpoint keeps them): that region is recomputed from them, not from the
+            # start of the model.
             reason, soft = "output of a checkpoint region", True
         if reason is not None:
             reasons[node.name] = reason
@@ -277,8 +278,10 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
 
 
 def _leaves_region(node: fx.Node, forward: set[fx.Node]) -> bool:
+    """Read by the forward of another checkpoint region (values leaving the last region
+    for untagged code stay recomputable, as torch's partitioner does)."""
     region = node.meta.get("ac_graph_id")
-    return any(u.meta.get("ac_graph_id") != region for u in node.users if u in forward)
+    return any(u.meta.get("ac_graph_id") not in (None, region) for u in node.users if u in forward)
 
 
 def _ancestors(roots: Any, *, stop: set[fx.Node]) -> set[fx.Node]:
