@@ -104,7 +104,9 @@ class _CkptPartitioner(CustomPartitionerFn):
         )
         for module in (fw_module, bw_module):
             module.graph.lint()
-        self.reports.append(_graph_report(fw_module, bw_module, kwargs["num_fwd_outputs"]))
+        self.reports.append(_graph_report(
+            joint_module, fw_module, bw_module, kwargs, partition_fn, joint_inputs, self.options.report is not False
+        ))
         return fw_module, bw_module
 
     def uuid(self) -> str:
@@ -209,8 +211,26 @@ def _consts(code: types.CodeType) -> tuple:
     return tuple(_consts(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
 
 
-def _graph_report(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int):
-    """Graph sizes and saved bytes of one partition, plus the plan's figures."""
+def _graph_report(joint_module, fw_module, bw_module, kwargs, partition_fn, joint_inputs, detailed: bool):
+    """Figures of one partition: graph sizes and saved bytes (always, computed here so a
+    compile never depends on the diagnostics modules); with ``detailed`` (the report option
+    is on) the full report of ``ckpt_compile._report``: per-region rows, the graph for the
+    picture, and the no-checkpoint baseline (the same joint graph partitioned again with
+    its checkpoint tags hidden: no second compile)."""
+    num_fwd_outputs = kwargs["num_fwd_outputs"]
+    if not detailed:
+        return _basic_figures(fw_module, bw_module, num_fwd_outputs)
+    from ckpt_compile import _graph_stats, _report
+
+    def baseline():
+        return _graph_stats.baseline_partition(
+            joint_module, partition_fn, joint_inputs, **{**kwargs, "memory_budget": 1.0})
+
+    return _report.graph_report(joint_module, fw_module, bw_module, num_fwd_outputs=num_fwd_outputs,
+                                baseline_fn=baseline)
+
+
+def _basic_figures(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int):
     # Saved activations exclude the graph's own inputs (parameters, user inputs), which
     # stay alive whether or not anything is checkpointed; counted from the forward graph
     # itself, independently of the plan.
@@ -252,9 +272,14 @@ def _nbytes(node: fx.Node) -> int:
 
 
 def _emit_report(reports: list[dict[str, Any]], opts: BackendOptions) -> None:
+    from ckpt_compile._report import Report
+
+    options = {"memory_budget": opts.memory_budget, "inner": opts.inner}
     if opts.report is True:
         for report in reports:
-            log.info("backend='ckpt' partition: %s", json.dumps(report, sort_keys=True))
+            figures = {k: v for k, v in report.items() if k != "graph"}  # the picture's data stays out of logs
+            log.info("backend='ckpt' partition: %s", json.dumps(figures, sort_keys=True))
+        log.info("%s", Report(tuple(reports), options))
         return
     path = pathlib.Path(opts.report)
     # The first graph written to a path in this process replaces the file; later graphs
@@ -262,9 +287,7 @@ def _emit_report(reports: list[dict[str, Any]], opts: BackendOptions) -> None:
     key = os.path.abspath(path)
     graphs = (_read_graphs(path) if key in _WRITTEN_PATHS else []) + reports
     _WRITTEN_PATHS.add(key)
-    document = {"options": {"memory_budget": opts.memory_budget, "inner": opts.inner},
-                "graphs": graphs}
-    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    Report(tuple(graphs), options).write(path)
 
 
 def _read_graphs(path: pathlib.Path) -> list[dict[str, Any]]:

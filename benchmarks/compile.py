@@ -1,0 +1,177 @@
+"""torch.compile with backend="ckpt" against torch.compile's default, measured in the same run.
+
+The eager benchmark's 8-block transformer (``nn.TransformerEncoderLayer``, d_model 512,
+8 heads, seq 256, batch 8, dropout 0.1 by default; flags for smaller sizes), four variants:
+
+- ``ckpt``: ``ckpt_compile.checkpoint`` per block, ``backend="ckpt"`` (inductor inside);
+- ``torch``: ``torch.utils.checkpoint`` per block, ``torch.compile`` default (inductor);
+- ``ckpt, no checkpoint`` / ``torch, no checkpoint``: the same without checkpointing.
+
+For each: saved activation bytes (a saved-tensors hook over unique storages, parameters
+and the input excluded), median step time (forward + backward, runs alternate so every
+variant sees the same machine load) with the median of per-round ratios against torch's
+counterpart, compile time (first step, inductor caches disabled), and forward/backward
+node counts (call_function nodes of the graphs right after partitioning, counted by the
+same inductor pre-pass for both backends).
+
+    python benchmarks/compile.py
+    python benchmarks/compile.py --d-model 128 --seq 64 --batch 4 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+import types
+
+import torch
+import torch.utils.checkpoint as tuc
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import ckpt_compile as cc
+
+
+def make_model(blocks: int, d_model: int, heads: int) -> torch.nn.ModuleList:
+    torch.manual_seed(0)
+    return torch.nn.ModuleList(
+        torch.nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.1, batch_first=True)
+        for _ in range(blocks)
+    )
+
+
+def _run(model, wrap, x):
+    h = x
+    for block in model:
+        h = wrap(block, h)
+    return h.float().pow(2).mean()
+
+
+def _plain(block, h):
+    return block(h)
+
+
+def _ours(block, h):
+    return cc.checkpoint(block, h, use_reentrant=False)
+
+
+def _torch(block, h):
+    return tuc.checkpoint(block, h, use_reentrant=False)
+
+
+# name: (backend, per-block wrapper, counterpart for the ratio)
+VARIANTS = {
+    "ckpt": ("ckpt", _ours, "torch"),
+    "torch": ("inductor", _torch, "torch"),
+    "ckpt, no checkpoint": ("ckpt", _plain, "torch, no checkpoint"),
+    "torch, no checkpoint": ("inductor", _plain, "torch, no checkpoint"),
+}
+
+
+class _NodeCounter(CustomGraphPass):
+    """Counts call_function nodes of each graph inductor compiles (forward, then backward)."""
+
+    def __init__(self) -> None:
+        self.counts: list[tuple[str, int]] = []
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        kind = "bw" if any("tangents" in n.name for n in graph.find_nodes(op="placeholder")) else "fw"
+        self.counts.append((kind, sum(1 for n in graph.nodes if n.op == "call_function")))
+
+    def uuid(self):
+        return None
+
+
+def compile_variant(model, name, x):
+    """Compile one variant; returns (step function, compile seconds, fw nodes, bw nodes)."""
+    backend, wrap, _ = VARIANTS[name]
+    counter = _NodeCounter()
+    # Dynamo keeps compiled code per code object: a copy of _run per variant gives each
+    # variant (and backend) its own cache entry, so no variant evicts or guards another.
+    run = types.FunctionType(_run.__code__.replace(co_name=f"run_{name.replace(' ', '_')}"), _run.__globals__)
+    fn = torch.compile(functools.partial(run, model, wrap), backend=backend, fullgraph=True)
+    # Dynamo does not guard on inductor config: the patch only needs to cover compilation.
+    with torch._inductor.config.patch(force_disable_caches=True, post_grad_custom_pre_pass=counter):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        fn(x).backward()
+        seconds = time.perf_counter() - start
+    fw = sum(n for kind, n in counter.counts if kind == "fw")
+    bw = sum(n for kind, n in counter.counts if kind == "bw")
+    return fn, seconds, fw, bw
+
+
+def saved_activation_bytes(model, fn, x) -> int:
+    exclude = {t.untyped_storage().data_ptr() for t in (x, *model.parameters())}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn(x)
+    del loss
+    return sum(storages.values())
+
+
+def step_time(model, fn, x) -> float:
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    fn(x).backward()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=1)
+    args = p.parse_args(argv)
+
+    model = make_model(args.blocks, args.d_model, args.heads)
+    x = torch.randn(args.batch, args.seq, args.d_model, requires_grad=True)
+
+    compiled, compile_s, nodes = {}, {}, {}
+    for name in VARIANTS:  # ours, torch's, ours, torch's: neighbours see similar load
+        compiled[name], compile_s[name], fw, bw = compile_variant(model, name, x)
+        nodes[name] = (fw, bw)
+    saved = {name: saved_activation_bytes(model, fn, x) for name, fn in compiled.items()}
+
+    times = {name: [] for name in VARIANTS}
+    ratios = {name: [] for name in VARIANTS}
+    names = list(VARIANTS)
+    for r in range(args.warmup + args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        this_round = {name: step_time(model, compiled[name], x) for name in order}
+        if r < args.warmup:
+            continue
+        for name in names:
+            times[name].append(this_round[name])
+            ratios[name].append(this_round[name] / this_round[VARIANTS[name][2]])
+
+    med = statistics.median
+    print(f"# compile benchmark: {args.blocks} blocks, d_model {args.d_model}, heads {args.heads}, "
+          f"seq {args.seq}, batch {args.batch}; {args.rounds} rounds; torch {torch.__version__}; "
+          f"{torch.get_num_threads()} threads")
+    print()
+    print("| variant | saved MiB | step (s) | step ratio vs torch (median of rounds) | compile (s) "
+          "| compile ratio vs torch | fw nodes | bw nodes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        ref = VARIANTS[name][2]
+        print(f"| {name} | {saved[name] / 2**20:.1f} | {med(times[name]):.3f} | {med(ratios[name]):.3f} "
+              f"| {compile_s[name]:.1f} | {compile_s[name] / compile_s[ref]:.2f} "
+              f"| {nodes[name][0]} | {nodes[name][1]} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
