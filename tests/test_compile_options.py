@@ -295,3 +295,17 @@ def test_partitioner_uuid_changes_with_policy_and_options():
     assert uuid({}, fp_mm) == uuid({"report": True}, fp_mm)
     assert uuid({}, fp_mm) != uuid({}, fp_none)
     assert uuid({}, fp_mm) != uuid({"memory_budget": 0.5}, fp_mm)
+
+
+# ---------------------------------------------------------------- docs
+
+
+@pytest.mark.parametrize(
+    "name", ["ckpt_compile._options", "ckpt_compile._backend", "ckpt_compile.passes.recompute_tags"]
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
