@@ -66,22 +66,23 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def build_model(seed: int = MODEL_SEED) -> Net:
+def build_model(seed: int = MODEL_SEED, d_model: int = D_MODEL) -> Net:
     """The same initial parameters in every process (and in the reference)."""
     torch.manual_seed(seed)
-    return Net().to(DTYPE)
+    return Net(d_model).to(DTYPE)
 
 
-def global_batch(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(device: str = "cpu", d_model: int = D_MODEL) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(DATA_SEED)
-    x = torch.randn(GLOBAL_BATCH, D_MODEL, generator=gen, dtype=DTYPE)
+    x = torch.randn(GLOBAL_BATCH, d_model, generator=gen, dtype=DTYPE)
     y = torch.randn(GLOBAL_BATCH, 1, generator=gen, dtype=DTYPE)
     return x.to(device), y.to(device)
 
 
-def local_batch(rank: int, world_size: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def local_batch(rank: int, world_size: int, device: str = "cpu",
+                d_model: int = D_MODEL) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's equal share of the global batch (rows rank*n .. rank*n + n)."""
-    x, y = global_batch(device)
+    x, y = global_batch(device, d_model)
     n = GLOBAL_BATCH // world_size
     return x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
 
@@ -90,10 +91,10 @@ def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, target)  # a mean: averaging over ranks gives the global mean
 
 
-def reference_grads() -> dict[str, torch.Tensor]:
+def reference_grads(d_model: int = D_MODEL) -> dict[str, torch.Tensor]:
     """Gradients of the unwrapped, unsharded model on the whole global batch."""
-    model = build_model()
-    x, y = global_batch()
+    model = build_model(d_model=d_model)
+    x, y = global_batch(d_model=d_model)
     loss_fn(model(x), y).backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
@@ -151,6 +152,13 @@ class World:
 
     def results(self, name: str) -> list[dict[str, Any]]:
         """Per-rank results of scenario ``name``; fails the test with the world's error."""
+        return [saved["result"] for saved in self._load(name)]
+
+    def seconds(self, name: str) -> list[float]:
+        """Per-rank wall time of scenario ``name`` (for reports, never asserted)."""
+        return [saved["seconds"] for saved in self._load(name)]
+
+    def _load(self, name: str) -> list[dict[str, Any]]:
         paths = [os.path.join(self.out_dir, f"{name}.rank{r}.pt") for r in range(self.world_size)]
         if all(os.path.exists(p) for p in paths):
             return [torch.load(p, weights_only=False) for p in paths]
@@ -206,13 +214,16 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         for scenario in scenarios:
+            start = time.perf_counter()
             try:
                 result = scenario.fn(rank, world_size, out_dir, **scenario.kwargs)
             except Exception as e:
                 raise RuntimeError(
                     f"rank {rank}, scenario {scenario.name!r} failed:\n{traceback.format_exc()}"
                 ) from e
-            torch.save(result, os.path.join(out_dir, f"{scenario.name}.rank{rank}.pt"))
+            seconds = time.perf_counter() - start
+            torch.save({"result": result, "seconds": seconds},
+                       os.path.join(out_dir, f"{scenario.name}.rank{rank}.pt"))
             dist.barrier()  # the next scenario starts together on every rank
     finally:
         dist.destroy_process_group()
