@@ -1,0 +1,86 @@
+"""``ckpt_compile.explain``: what ``backend="ckpt"`` saves and recomputes, before training.
+
+>>> import torch, ckpt_compile as cc
+>>> class Block(torch.nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.lin = torch.nn.Linear(512, 512)
+...     def forward(self, x):
+...         return cc.checkpoint(lambda t: self.lin(t).relu().sin(), x, use_reentrant=False)
+>>> report = cc.explain(Block(), torch.randn(512, 512), inner="eager")
+>>> report.saved_bytes, report.baseline["saved_bytes"]   # without checkpointing: relu's 1 MiB
+(0, 1048576)
+>>> report.summary()
+'saved 1.00 MiB -> 0 B (-100%), +100% forward FLOPs recomputed'
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+from ckpt_compile._options import BackendOptions
+from ckpt_compile._report import Report
+
+__all__ = ["explain"]
+
+log = logging.getLogger("ckpt_compile")
+
+
+def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Report:
+    """Compile ``model_or_fn`` with ``backend="ckpt"``, run one forward on ``example_inputs``,
+    and return the :class:`~ckpt_compile._report.Report` of what was saved and recomputed.
+
+    ``options`` are the backend's (``memory_budget``, ``inner``, ``report``: a path also
+    receives the JSON); ``dynamic=`` and ``fullgraph=`` go to ``torch.compile``. The
+    figures are exactly those the backend writes for a user's compile (it goes through
+    ``torch.compile(..., backend="ckpt", options={"report": path})``); the baseline is the
+    same joint graph partitioned with every checkpoint region removed. No backward runs,
+    and the model's parameters are untouched; a forward pass does run (dropout draws
+    random numbers, batch-norm statistics update, as in one training step).
+
+    ``str(report)`` is a table; ``report.to_dict()`` is JSON; see also
+    ``ckpt_compile._picture.write_picture(report, "cut.html")``.
+    """
+    if not callable(model_or_fn):
+        raise TypeError(
+            f"explain(model_or_fn, *example_inputs): expected an nn.Module or a function, got "
+            f"{type(model_or_fn).__name__}"
+        )
+    compile_kwargs = {k: options.pop(k) for k in ("dynamic", "fullgraph") if k in options}
+    opts = BackendOptions.from_mapping(options)  # ValueError for unknown or bad options
+    with tempfile.TemporaryDirectory(prefix="ckpt_compile_explain_") as folder:
+        path = pathlib.Path(folder) / "report.json"
+        backend_options = {"memory_budget": opts.memory_budget, "inner": opts.inner, "report": str(path)}
+        # A fresh torch.compile wrapper: a new backend object, so Dynamo compiles again
+        # even if this model was compiled before (its cache entries check the backend).
+        compiled = torch.compile(model_or_fn, backend="ckpt", options=backend_options, **compile_kwargs)
+        with torch.enable_grad():
+            compiled(*example_inputs)
+        if not path.exists():
+            raise ValueError(
+                "explain: the compiled model produced no backward graph, so nothing is saved "
+                "for backward; give it parameters or example inputs that require grad "
+                "(x.requires_grad_()), and check that torch.compile did not fall back to eager"
+            )
+        report = Report.read(path)
+    if opts.report is True:
+        log.info("%s", report)
+    elif opts.report:
+        report.write(opts.report)
+    return report
+
+
+def write_report_files(report: Report, folder: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+    """Write ``report.json`` and ``report.html`` (the picture) into ``folder``."""
+    from ckpt_compile._picture import write_picture
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / "report.json"
+    report.write(json_path)
+    return json_path, write_picture(report, folder / "report.html")
