@@ -5,6 +5,8 @@ scenario's per-rank results against a single process running the *unwrapped* mod
 the whole global batch: every parameter's gradient equal (DDP averages over ranks, FSDP2
 shards are gathered with ``DTensor.full_tensor()``), names equal to the unwrapped model's,
 and each block's forward counted twice per step (so the checkpointing really ran).
+PyTorch's own ``checkpoint_wrapper`` runs under FSDP2 too, as a reference: same gradients,
+but its parameter names leak ``_checkpoint_wrapped_module.``.
 The NCCL variant runs the same scenarios on 2 GPUs and skips cleanly without them.
 """
 from __future__ import annotations
@@ -51,7 +53,11 @@ _WRAPPER_FNS = {
 
 
 def _apply_checkpointing(model: torch.nn.Module, how: str) -> None:
-    if how == "composable":
+    if how == "torch_checkpoint_wrapper":  # the reference: PyTorch's own wrapper
+        from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as torch_wrappers
+
+        torch_wrappers.apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    elif how == "composable":
         for block in model.blocks:
             checkpoint(block)
     elif how == "none":
@@ -120,6 +126,7 @@ def _fsdp2_state_dict(rank, world_size, out_dir, device="cpu"):
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
+        get_optimizer_state_dict,
         set_model_state_dict,
     )
 
@@ -129,6 +136,12 @@ def _fsdp2_state_dict(rank, world_size, out_dir, device="cpu"):
     _apply_checkpointing(model, "checkpoint_wrapper")
     _shard(model, dev)
     sharded = get_model_state_dict(model)
+    # Optimizer state is keyed by parameter name too: one step so that it exists.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: parameters unchanged
+    x, y = local_batch(rank, world_size, device=str(dev))
+    loss_fn(model(x), y).backward()
+    optimizer.step()
+    optimizer_keys = list(get_optimizer_state_dict(model, optimizer)["state"])
     ckpt_dir = os.path.join(out_dir, f"dcp_{device}")
     dcp.save(sharded, checkpoint_id=ckpt_dir)
     saved_keys = list(dcp.FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata)
@@ -146,6 +159,7 @@ def _fsdp2_state_dict(rank, world_size, out_dir, device="cpu"):
         loaded[how] = {k: v.cpu() for k, v in get_model_state_dict(other, options=full).items()}
     return {
         "keys": list(sharded),
+        "optimizer_keys": optimizer_keys,
         "key_types": sorted({type(v).__name__ for v in sharded.values()}),
         "saved_keys": saved_keys,
         "full": {k: v.cpu() for k, v in get_model_state_dict(model, options=full).items()},
@@ -156,7 +170,7 @@ def _fsdp2_state_dict(rank, world_size, out_dir, device="cpu"):
 # --- the world and the tests --------------------------------------------------------------
 
 DDP_WRAPPINGS = ("checkpoint_wrapper", "checkpoint_wrapper_reentrant", "offload_wrapper")
-FSDP2_WRAPPINGS = ("checkpoint_wrapper", "composable", "offload_wrapper")
+FSDP2_WRAPPINGS = ("checkpoint_wrapper", "composable", "offload_wrapper", "torch_checkpoint_wrapper")
 
 
 def _scenarios(device: str) -> list[Scenario]:
@@ -208,16 +222,29 @@ def test_ddp_apply_activation_checkpointing_matches_single_process(world, refere
 @pytest.mark.parametrize("how", FSDP2_WRAPPINGS)
 def test_fsdp2_fully_shard_per_block_matches_single_process(world, reference, how):
     results = world.results(f"fsdp2-{how}")
+    if how == "torch_checkpoint_wrapper":
+        # PyTorch's wrapper gives the same gradients under other names: the wrapped blocks'
+        # parameters are listed as blocks.<i>._checkpoint_wrapped_module.<name>.
+        results = [_strip_torch_prefix(result) for result in results]
     _assert_grads_match(results, reference)
     for result in results:
         assert result["grad_types"] == ["DTensor"]  # really sharded
         assert result["calls"] == ([1, 1] if how == "offload_wrapper" else [2, 2])
 
 
+def _strip_torch_prefix(result):
+    leak = "._checkpoint_wrapped_module."
+    names = list(result["grads"])
+    assert sum(leak in name for name in names) == 12, names  # 6 per block: it does leak
+    grads = {name.replace(leak, "."): grad for name, grad in result["grads"].items()}
+    return {**result, "grads": grads}
+
+
 def test_fsdp2_state_dict_and_dcp_round_trip_keep_unwrapped_names(world):
     unwrapped = build_model().state_dict()
     for result in world.results("fsdp2-state-dict"):
         assert result["keys"] == list(unwrapped)
+        assert result["optimizer_keys"] == list(unwrapped)  # all state here is parameters
         assert result["key_types"] == ["DTensor"]
         assert sorted(result["saved_keys"]) == sorted(unwrapped)
         for name, value in unwrapped.items():
