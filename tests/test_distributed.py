@@ -170,7 +170,13 @@ def _fsdp2_state_dict(rank, world_size, out_dir, device="cpu"):
 # --- the world and the tests --------------------------------------------------------------
 
 DDP_WRAPPINGS = ("checkpoint_wrapper", "checkpoint_wrapper_reentrant", "offload_wrapper")
-FSDP2_WRAPPINGS = ("checkpoint_wrapper", "composable", "offload_wrapper", "torch_checkpoint_wrapper")
+FSDP2_WRAPPINGS = (
+    "checkpoint_wrapper",
+    "checkpoint_wrapper_reentrant",
+    "composable",
+    "offload_wrapper",
+    "torch_checkpoint_wrapper",
+)
 
 
 def _scenarios(device: str) -> list[Scenario]:
