@@ -167,6 +167,14 @@ def _fsdp2_state_dict(rank, world_size, out_dir, device="cpu"):
     }
 
 
+def _fail_on_rank_1(rank, world_size, out_dir, device="cpu"):
+    """Rank 1 raises while rank 0 waits for it in a collective: the world must end, not hang."""
+    if rank == 1:
+        raise ValueError("deliberate failure on rank 1")
+    dist.barrier()
+    return {}
+
+
 # --- the world and the tests --------------------------------------------------------------
 
 DDP_WRAPPINGS = ("checkpoint_wrapper", "checkpoint_wrapper_reentrant", "offload_wrapper")
@@ -184,6 +192,7 @@ def _scenarios(device: str) -> list[Scenario]:
         *(Scenario(f"ddp-{how}", _ddp_step, {"how": how, "device": device}) for how in DDP_WRAPPINGS),
         *(Scenario(f"fsdp2-{how}", _fsdp2_step, {"how": how, "device": device}) for how in FSDP2_WRAPPINGS),
         Scenario("fsdp2-state-dict", _fsdp2_state_dict, {"device": device}),
+        Scenario("deliberate-failure", _fail_on_rank_1, {"device": device}),  # keep it last
     ]
 
 
@@ -260,3 +269,14 @@ def test_fsdp2_state_dict_and_dcp_round_trip_keep_unwrapped_names(world):
             for name, value in unwrapped.items():
                 # bit-exact round trip, from other initial values (seed 123)
                 assert torch.equal(state[name], value), f"loaded into {how}: {name}"
+
+
+def test_a_failing_rank_ends_the_world_with_its_traceback(world):
+    # The scenarios before it left their results (the tests above); this one left none, and
+    # the error names the rank, the scenario and the original exception.
+    with pytest.raises(AssertionError, match="deliberate-failure") as info:
+        world.results("deliberate-failure")
+    message = str(info.value)
+    assert "rank 1, scenario 'deliberate-failure' failed" in message
+    assert "ValueError: deliberate failure on rank 1" in message
+    assert "timed out" not in message
