@@ -156,11 +156,13 @@ def _segment_walk(problem: Any, scale: int, price: int, max_bytes: int, banned: 
     waiting = {c: dag.in_degree(c) for c in dag}
     ready = [c for c, d in waiting.items() if d == 0]
     while ready and saved_bytes > max_bytes:
-        # Finish with the component that overshoots the budget least, else make the most
-        # progress: fine steps near the budget, few steps far from it.
+        # Every cut on the edge trades bytes for FLOPs at the same rate, so what matters is
+        # overshooting the budget least: take the smallest step that frees bytes (if none
+        # does, the step that costs fewest). The order does not depend on the budget, so a
+        # larger budget stops earlier on the same walk: saved bytes stay monotone.
         gains = {c: _gain(problem, sink_side, dag.nodes[c]["members"]) for c in ready}
-        finishing = [c for c in ready if saved_bytes - gains[c] <= max_bytes]
-        pick = min(finishing, key=lambda c: (gains[c], c)) if finishing else max(ready, key=lambda c: (gains[c], -c))
+        positive = [c for c in ready if gains[c] > 0]
+        pick = min(positive, key=lambda c: (gains[c], c)) if positive else max(ready, key=lambda c: (gains[c], -c))
         ready.remove(pick)
         sink_side.update(dag.nodes[pick]["members"])
         saved_bytes -= gains[pick]
@@ -233,12 +235,52 @@ def budget_cut(problem: Any, max_bytes: int, *, exact_limit: int = EXACT_LIMIT) 
         if on_segment:
             walked = _segment_walk(problem, scale, price, max_bytes, hard)
             candidates = [p for p in (low, mid, walked and _point(problem, walked)) if p and p[0] <= max_bytes]
-            return min(candidates, key=lambda p: (p[1], p[0]))[2]
+            return _fill(problem, min(candidates, key=lambda p: (p[1], p[0]))[2], max_bytes)
         if mid[0] <= max_bytes:
             low = mid
         else:
             high = mid
-    return low[2]
+    return _fill(problem, low[2], max_bytes)
+
+
+def _fill(problem: Any, cut: Cut, max_bytes: int, *, rounds: int = 8, width: int = 16) -> Cut:
+    """Spend what the hull walk left of the budget: save instead of recomputing the
+    costliest recomputed values, one at a time, while the bytes fit (each step can also
+    drop the recompute of values only that one needed). A hull walk stops at a hull edge;
+    a plan inside the gap can recompute less (it is a knapsack), and torch's knapsack
+    finds some of them. ``width`` candidates per round keep this cheap on big graphs."""
+    preds: dict[int, list[int]] = {}
+    for u, v in problem.edges:
+        preds.setdefault(v, []).append(u)
+    recomputed = set(cut.recomputed)
+    saved_bytes, flops = plan_cost(problem, recomputed)
+    for _ in range(rounds):
+        if saved_bytes >= max_bytes:
+            break
+        costly = sorted((v for v in recomputed if problem.recompute_cost[v] and problem.save_weight[v] is not None),
+                        key=lambda v: (-problem.recompute_cost[v], v))[:width]
+        best = None
+        for v in costly:
+            trial = _still_needed(problem, preds, recomputed - {v})
+            trial_bytes, trial_flops = plan_cost(problem, trial)
+            if trial_bytes <= max_bytes and trial_flops < flops and (best is None or (trial_flops, trial_bytes) < best[:2]):
+                best = (trial_flops, trial_bytes, trial)
+        if best is None:
+            break
+        flops, saved_bytes, recomputed = best
+    return Cut(tuple(sorted(saved_of(problem, recomputed))), tuple(sorted(recomputed)))
+
+
+def _still_needed(problem: Any, preds: dict[int, list[int]], recomputed: set[int]) -> set[int]:
+    """The recomputed values something still reads: backward reads, then their inputs."""
+    keep = {v for v in problem.needed if v in recomputed}
+    stack = list(keep)
+    while stack:
+        for u in preds.get(stack.pop(), ()):
+            if u in recomputed and u not in keep:
+                keep.add(u)
+                stack.append(u)
+    return keep
 
 
 def _point(problem: Any, cut: Cut) -> tuple[int, int, Cut]:
