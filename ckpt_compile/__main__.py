@@ -1,18 +1,62 @@
-"""Command line: ``python -m ckpt_compile --help``."""
+"""Command line: ``python -m ckpt_compile --help``.
+
+- ``demo``: train a small GPT-style model with and without checkpointing, eager and
+  compiled, print the tables, and write the report and its picture to a folder.
+- ``explain module:factory``: import ``factory`` (a function returning ``(model,
+  example_inputs)``), print what ``backend="ckpt"`` saves and recomputes for it.
+
+Errors (a bad ``module:factory``, a factory that raises, bad options) are one line on
+stderr with exit status 2, as argparse reports usage errors.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import pathlib
 import sys
+from typing import Any
+
+_PROG = "python -m ckpt_compile"
+
+
+class _UsageError(Exception):
+    """A one-line error for the user (exit status 2)."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ckpt_compile",
+        prog=_PROG,
         description="Activation checkpointing for PyTorch: demos and diagnostics.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="train a small model with and without checkpointing and compare")
+    demo = sub.add_parser(
+        "demo", help="train a small GPT-style model with and without checkpointing and compare",
+        description="Train a small GPT-style model for a few steps, eager (no checkpointing, "
+        "ckpt_compile.checkpoint, selective) and compiled (no checkpointing, torch.compile + "
+        'torch.utils.checkpoint, backend="ckpt"); print side-by-side tables and write the '
+        "report (JSON) and its picture (HTML) to a folder.",
+    )
     demo.add_argument("--steps", type=int, default=5, help="training steps per variant (default 5)")
+    demo.add_argument("--out", default=None, help="folder for report.json and report.html (default: a new temp folder)")
+    # Sizes and the compiler, for tests and experiments (hidden from --help).
+    for flag, default in (("--blocks", 4), ("--d-model", 128), ("--seq", 64), ("--batch", 8), ("--heads", 4)):
+        demo.add_argument(flag, type=int, default=default, help=argparse.SUPPRESS)
+    demo.add_argument("--compiler", choices=("inductor", "eager"), default="inductor", help=argparse.SUPPRESS)
+    demo.add_argument("--skip-eager", action="store_true", help=argparse.SUPPRESS)
+
+    explain = sub.add_parser(
+        "explain", help="print what backend='ckpt' saves and recomputes for your model",
+        description="Import FACTORY (module:function or path/to/file.py:function), call it with "
+        "no arguments; it returns (model, example_inputs). Prints the report of "
+        "ckpt_compile.explain(model, *example_inputs).",
+    )
+    explain.add_argument("factory", metavar="module:factory")
+    explain.add_argument("--memory-budget", type=float, default=1.0, help="fraction in (0, 1] (default 1.0)")
+    explain.add_argument("--inner", choices=("inductor", "eager"), default="inductor",
+                         help="compile the partitioned graphs with inductor (default) or run them as they are")
+    explain.add_argument("--out", default=None, help="also write report.json and report.html (the picture) here")
+    explain.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     return parser
 
 
@@ -22,15 +66,88 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "demo":
-        if args.steps < 1:
-            parser.error(f"--steps must be at least 1, got {args.steps}")
-        from ckpt_compile._demo import run_eager_demo
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        return _explain(args)
+    except _UsageError as e:
+        print(f"{_PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
-        run_eager_demo(args.steps)
-        return 0
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+
+def _demo(args) -> int:
+    for flag in ("steps", "blocks", "d_model", "seq", "batch", "heads"):
+        if getattr(args, flag) < 1:
+            raise _UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.d_model % args.heads:
+        raise _UsageError(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+    from ckpt_compile._demo import run_demo
+
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen
+
+    run_demo(args.steps, out_dir=args.out, blocks=args.blocks, d_model=args.d_model, seq=args.seq,
+             batch=args.batch, heads=args.heads, compiler=args.compiler, eager=not args.skip_eager)
+    return 0
+
+
+def _explain(args) -> int:
+    import json
+
+    import ckpt_compile as cc
+
+    model, inputs = _call_factory(args.factory)
+    try:
+        report = cc.explain(model, *inputs, memory_budget=args.memory_budget, inner=args.inner)
+    except Exception as e:  # compile errors are long: the first line, and the type, say what failed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise _UsageError(f"explain({args.factory}) failed: {type(e).__name__}: {first}") from e
+    print(json.dumps(report.to_dict(), indent=1, sort_keys=True) if args.json else report)
+    if args.out is not None:
+        from ckpt_compile._explain import write_report_files
+
+        for path in write_report_files(report, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def _call_factory(spec: str) -> tuple[Any, tuple]:
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise _UsageError(f"expected module:factory (for example mypkg.models:make), got {spec!r}")
+    module = _import(module_name)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise _UsageError(f"{module_name!r} has no function {attr!r}")
+    try:
+        made = factory()
+    except Exception as e:
+        raise _UsageError(f"factory {spec} raised {type(e).__name__}: {e}") from e
+    if not (isinstance(made, (tuple, list)) and len(made) == 2 and callable(made[0])):
+        raise _UsageError(f"factory {spec} must return (model, example_inputs), got {type(made).__name__}")
+    model, inputs = made
+    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _import(name: str):
+    """A module by dotted name (found from the current folder too), or a ``.py`` file."""
+    try:
+        if not name.endswith(".py"):
+            sys.path.insert(0, "")  # as `python -c` does; `python -m` already has it
+            try:
+                return importlib.import_module(name)
+            finally:
+                sys.path.remove("")
+        path = pathlib.Path(name)
+        if not path.is_file():
+            raise _UsageError(f"no such file: {name}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except _UsageError:
+        raise
+    except Exception as e:
+        raise _UsageError(f"cannot import {name!r}: {type(e).__name__}: {e}") from e
 
 
 if __name__ == "__main__":

@@ -50,8 +50,12 @@ def graph_report(joint_module: fx.GraphModule, fw_module: fx.GraphModule, bw_mod
     figures become ``"baseline"`` and the per-region bytes saved without checkpointing.
     """
     figures = _graph_stats.partition_figures(fw_module, bw_module, num_fwd_outputs)
-    region_of = {n.name: n.meta["ac_graph_id"] for n in joint_module.graph.nodes
-                 if isinstance(n.meta.get("ac_graph_id"), int)}
+    # Regions are numbered 0, 1, ... in program order: ac_graph_id is a process-wide
+    # counter, different at every compile of the same model.
+    ids = {n.name: n.meta["ac_graph_id"] for n in joint_module.graph.nodes
+           if isinstance(n.meta.get("ac_graph_id"), int)}
+    ordinal = {region: k for k, region in enumerate(sorted(set(ids.values())))}
+    region_of = {name: ordinal[region] for name, region in ids.items()}
     base_fw = None
     if baseline_fn is not None:
         base_fw, base_bw = baseline_fn()
@@ -106,8 +110,8 @@ def _region_rows(joint_module, fw_module, bw_module, num_fwd_outputs, region_of,
 
 
 def _source(nodes) -> str:
-    """The user's line that entered a region: the innermost frame shared by the stack
-    traces of all its nodes that is not inside torch or ckpt_compile."""
+    """The user's line that entered a region, from the frames shared by the stack traces
+    of all its nodes."""
     traces = [_frames(n.meta.get("stack_trace") or "") for n in nodes]
     traces = [t for t in traces if t]
     if not traces:
@@ -118,8 +122,16 @@ def _source(nodes) -> str:
         while k < min(len(common), len(t)) and common[k] == t[k]:
             k += 1
         common = common[:k]
-    candidates = [f for f in (common or traces[0][:1]) if not _is_library(f[0])] or (common or traces[0][:1])
-    path, line, func, code = candidates[-1]
+    common = common or traces[0][:1]
+    # The checkpoint call: a shared user frame that names it, else the user frame right
+    # before the first library frame (our checkpoint), else the innermost user frame (an
+    # annotate() block).
+    calls = [f for f in common if not _is_library(f[0]) and "checkpoint" in f[3]]
+    chosen = calls[-1] if calls else next((common[k - 1] for k in range(1, len(common))
+                                           if _is_library(common[k][0]) and not _is_library(common[k - 1][0])), None)
+    if chosen is None:
+        chosen = ([f for f in common if not _is_library(f[0])] or common)[-1]
+    path, line, func, code = chosen
     return f"{os.path.basename(path)}:{line} in {func}: {code}"
 
 
