@@ -36,7 +36,8 @@ DTYPE = torch.float64  # gloo reduces float64 too: gradients compare to ~1e-15
 MODEL_SEED = 0
 DATA_SEED = 1
 # Collective timeout inside the world: a rank left waiting for its peer fails this fast.
-COLLECTIVE_TIMEOUT_S = 60
+# Generous, as the two ranks compile at their own pace on a shared, loaded machine.
+COLLECTIVE_TIMEOUT_S = 120
 
 
 class Block(nn.Module):
@@ -173,12 +174,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(scenarios: list[Scenario], world_size: int = 2, timeout_s: float = 150.0,
-              backend: str = "gloo") -> World:
-    """Spawn ``world_size`` ranks that run ``scenarios`` in order; wait at most ``timeout_s``."""
+def run_world(scenarios: list[Scenario], out_dir: str | os.PathLike | None = None,
+              world_size: int = 2, timeout_s: float = 150.0, backend: str = "gloo") -> World:
+    """Spawn ``world_size`` ranks that run ``scenarios`` in order; wait at most ``timeout_s``.
+
+    Results (and anything the scenarios write) go to ``out_dir`` (a new temporary folder
+    when ``None``). The free port is found before the ranks start: should another process
+    take it in between, the world is started once more on a new port.
+    """
+    out_dir = os.fspath(out_dir) if out_dir is not None else tempfile.mkdtemp(prefix="ckpt_compile_dist_")
+    world = _run_once(scenarios, out_dir, world_size, timeout_s, backend)
+    if world.error is not None and "EADDRINUSE" in world.error:
+        world = _run_once(scenarios, out_dir, world_size, timeout_s, backend)
+    return world
+
+
+def _run_once(scenarios: list[Scenario], out_dir: str, world_size: int, timeout_s: float,
+              backend: str) -> World:
     import torch.multiprocessing as mp
 
-    out_dir = tempfile.mkdtemp(prefix="ckpt_compile_dist_")
     start = time.monotonic()
     context = mp.start_processes(
         _rank_main,

@@ -201,12 +201,13 @@ def _have_two_gpus() -> bool:
 
 
 @pytest.fixture(scope="module", params=["gloo-cpu", "nccl-cuda"])
-def world(request):
+def world(request, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp(request.param)
     if request.param == "nccl-cuda":
         if not _have_two_gpus():
             pytest.skip("the NCCL variant needs 2 CUDA GPUs and NCCL")
-        return run_world(_scenarios("cuda"), backend="nccl", timeout_s=240)
-    return run_world(_scenarios("cpu"), backend="gloo", timeout_s=240)
+        return run_world(_scenarios("cuda"), out_dir, backend="nccl", timeout_s=240)
+    return run_world(_scenarios("cpu"), out_dir, backend="gloo", timeout_s=240)
 
 
 @pytest.fixture(scope="module")

@@ -89,9 +89,10 @@ def _fsdp2_compiled(rank, world_size, out_dir):
 
 
 @pytest.fixture(scope="module")
-def world():
+def world(tmp_path_factory):
     return run_world(
         [Scenario("ddp-compiled", _ddp_compiled), Scenario("fsdp2-compiled", _fsdp2_compiled)],
+        tmp_path_factory.mktemp("compiled"),
         timeout_s=400,
     )
 
