@@ -4,10 +4,12 @@ One spawned world (see ``dist_utils``) runs every scenario; each test then check
 scenario's per-rank results against a single process running the *unwrapped* model on
 the whole global batch: every parameter's gradient equal (DDP averages over ranks, FSDP2
 shards are gathered with ``DTensor.full_tensor()``), names equal to the unwrapped model's,
-and each block's forward counted twice per step (so the checkpointing really ran).
-PyTorch's own ``checkpoint_wrapper`` runs under FSDP2 too, as a reference: same gradients,
-but its parameter names leak ``_checkpoint_wrapped_module.``.
-The NCCL variant runs the same scenarios on 2 GPUs and skips cleanly without them.
+and each block's forward counted per step: twice when checkpointed (so the recomputation
+really ran), once when offloaded. PyTorch's own ``checkpoint_wrapper`` runs under FSDP2 too,
+as a reference: same gradients, but its parameter names leak ``_checkpoint_wrapped_module.``.
+The last scenario fails on purpose, to check that a failing rank ends the world with its
+traceback instead of hanging it. The NCCL variant runs the same scenarios on 2 GPUs and
+skips cleanly without them.
 """
 from __future__ import annotations
 
