@@ -13,10 +13,11 @@ with or without our eager checkpointing (selective checkpointing's cache include
 >>> import torch, ckpt_compile as cc
 >>> lin = torch.nn.Linear(512, 512)
 >>> x = torch.randn(512, 512)
->>> saved_tensor_bytes(lambda: lin(x).relu().sin()) // 2**20   # relu, sin inputs: 1 MiB each
+>>> saved_tensor_bytes(lambda: lin(x).relu().sin()) // 2**20   # x (weight grad), relu's output
 2
->>> saved_tensor_bytes(lambda: cc.checkpoint(lambda t: lin(t).relu().sin(), x, use_reentrant=False))
-0
+>>> region = lambda t: lin(t).relu().sin()
+>>> saved_tensor_bytes(lambda: cc.checkpoint(region, x, use_reentrant=False)) // 2**20  # x only
+1
 >>> autograd_nodes(lin(x).relu().sin())  # sin, relu, addmm, t, 2 AccumulateGrad
 6
 """
