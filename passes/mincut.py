@@ -209,11 +209,14 @@ def budget_cut(problem: Any, max_bytes: int, *, exact_limit: int = EXACT_LIMIT) 
     """Fewest recompute FLOPs among plans saving at most ``max_bytes`` (ties: fewer bytes).
 
     Only ``must_save`` bans hold here (``soft_banned`` values may be recomputed). Exact by
-    enumeration up to ``exact_limit`` recomputable values; above it, the best vertex of the
-    lower convex hull of (bytes, FLOPs) at or under the budget, found by a Lagrangian walk
-    (Eisner-Severance) with integer prices: each step is one min cut. A hull vertex is
-    optimal for every budget equal to its bytes, and within a gap between two vertices it
-    may recompute more than the true optimum; saved bytes stay monotone in ``max_bytes``.
+    enumeration up to ``exact_limit`` recomputable values. Above it, an approximation:
+    the two vertices of the lower convex hull of (bytes, FLOPs) around the budget, found by
+    a Lagrangian search (Eisner-Severance) with integer prices, one min cut per step; then
+    a walk along the hull edge between them (:func:`_segment_walk`) and a greedy fill of
+    what is left of the budget (:func:`_fill`). Hull plans are optimal at their own bytes;
+    between vertices the plan may recompute more than the optimum (a knapsack). The walk
+    keeps saved bytes monotone in ``max_bytes``; the fill only spends budget left over
+    (monotonicity is checked on random problems and real joint graphs by the tests).
     Raises :class:`BudgetTooSmall` when even recomputing everything allowed saves more.
     """
     hard = problem.must_save

@@ -215,7 +215,6 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
     """Build the cut problem of a joint graph (see the module docstring)."""
     graph = joint_module.graph
     output = graph.output_node()
-    outputs = [a for a in torch.utils._pytree.arg_tree_leaves(*output.args) if isinstance(a, fx.Node)]
     flat_outputs = torch.utils._pytree.arg_tree_leaves(*output.args)
     fwd_outputs = [o for o in flat_outputs[:num_fwd_outputs] if isinstance(o, fx.Node)]
     bwd_outputs = [o for o in flat_outputs[num_fwd_outputs:] if isinstance(o, fx.Node)]
@@ -232,7 +231,6 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
         ):
             backward.add(node)
     forward = _ancestors(fwd_outputs, stop=backward)
-    del outputs
 
     # Values the backward reads directly, then only their forward ancestors matter.
     needed_nodes = {a for n in backward for a in n.all_input_nodes if a not in backward}
