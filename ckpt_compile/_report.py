@@ -126,9 +126,11 @@ def _source(nodes) -> str:
     # The checkpoint call: a shared user frame that names it, else the user frame right
     # before the first library frame (our checkpoint), else the innermost user frame (an
     # annotate() block).
-    # (A lambda's frame repeats its caller's line: the caller's names the function.)
-    common = [f for k, f in enumerate(common) if k == 0 or f[:2] != common[k - 1][:2]]
-    calls = [f for f in common if not _is_library(f[0]) and "checkpoint" in f[3]]
+    calls: dict[tuple[str, str], tuple] = {}
+    for f in common:  # a lambda's frame repeats its caller's line: keep the caller's
+        if not _is_library(f[0]) and "checkpoint" in f[3]:
+            calls.setdefault(f[:2], f)
+    calls = list(calls.values())
     chosen = calls[-1] if calls else next((common[k - 1] for k in range(1, len(common))
                                            if _is_library(common[k][0]) and not _is_library(common[k - 1][0])), None)
     if chosen is None:

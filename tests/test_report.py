@@ -56,7 +56,7 @@ recomputed nodes         4                 1
 recompute FLOPs     264.2k                 0
 
 region     saved   avoided  recomputed ops  recompute FLOPs  source
-     0  8.00 KiB  8.00 KiB               4           264.2k  test_report.py:32 in <lambda>: h = cc.checkpoint(lambda t...
+     0  8.00 KiB  8.00 KiB               4           264.2k  test_report.py:32 in forward: h = cc.checkpoint(lambda t:...
 saved 16.00 KiB -> 8.00 KiB (-50%), +50% forward FLOPs recomputed""")
 
     def test_summary_is_the_last_line(self):
