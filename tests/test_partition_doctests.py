@@ -1,0 +1,15 @@
+"""The docstring examples of the partitioner modules run and stay true."""
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["problem", "mincut", "plan", "split", "partitioner"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(f"ckpt_compile.passes.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{module.__name__} has no docstring example"
+    assert result.failed == 0
