@@ -199,7 +199,7 @@ def _fail_on_rank_1(rank, world_size, out_dir, device="cpu"):
 
 # --- the world and the tests --------------------------------------------------------------
 
-DDP_WRAPPINGS = ("checkpoint_wrapper", "checkpoint_wrapper_reentrant", "offload_wrapper")
+DDP_WRAPPINGS = ("checkpoint_wrapper", "checkpoint_wrapper_reentrant", "offload_wrapper", "composable")
 FSDP2_WRAPPINGS = (
     "checkpoint_wrapper",
     "checkpoint_wrapper_reentrant",
@@ -256,7 +256,7 @@ def _assert_grads_match(results, reference):
 def test_ddp_apply_activation_checkpointing_matches_single_process(world, reference, how):
     results = world.results(f"ddp-{how}")
     _assert_grads_match(results, reference)
-    wrapper_type = "OffloadWrapper" if how == "offload_wrapper" else "CheckpointWrapper"
+    wrapper_type = {"offload_wrapper": "OffloadWrapper", "composable": "Block"}.get(how, "CheckpointWrapper")
     for result in results:
         assert result["block_types"] == [wrapper_type, wrapper_type]
         # checkpointed: forward + recomputation; offloaded: saved, not recomputed
