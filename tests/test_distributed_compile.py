@@ -46,6 +46,12 @@ def _recomputed_nodes(report_path: str) -> list[int]:
 
 # --- scenarios (run inside the spawned ranks) ---------------------------------------------
 
+# A block of width 128 holds 131,712 float64 parameters (1.05 MB): one DDP bucket per block
+# at bucket_cap_mb=1 (DDPOptimizer wants buckets >= the 1 MB first one). Dynamo's
+# DDPOptimizer splits the graph at bucket boundaries and hands each piece to the backend,
+# as it does for any model bigger than one default 25 MB bucket.
+DDP_D_MODEL = 128
+
 
 def _ddp_compiled(rank, world_size, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -53,19 +59,12 @@ def _ddp_compiled(rank, world_size, out_dir):
     model = build_model(d_model=DDP_D_MODEL)
     apply_activation_checkpointing(model, check_fn=_is_block)
     report = os.path.join(out_dir, f"ddp-report.rank{rank}.json")
+    ddp = DDP(model, bucket_cap_mb=1)
     # No `import ckpt_compile` needed for the name: the entry point registers "ckpt".
-    # Small buckets: Dynamo's DDPOptimizer splits the graph at bucket boundaries and hands
-    # each piece to the backend, as it does for any model bigger than one 25 MB bucket.
-    ddp = DDP(model, bucket_cap_mb=1)  # DDPOptimizer wants buckets >= the 1 MB first one
     compiled = torch.compile(ddp, backend="ckpt", options={"report": report})
     x, y = local_batch(rank, world_size, d_model=DDP_D_MODEL)
     loss_fn(compiled(x), y).backward()
     return {"grads": full_grads(model), "recomputed_nodes": _recomputed_nodes(report)}
-
-
-# A block of width 128 holds 131,712 float64 parameters (1.05 MB): one bucket per block
-# at bucket_cap_mb=1, so DDPOptimizer splits the graph between the blocks.
-DDP_D_MODEL = 128
 
 
 def _fsdp2_compiled(rank, world_size, out_dir):
