@@ -98,12 +98,26 @@ def _graph_svg(structure: dict[str, Any], top: float, max_nodes: int) -> tuple[l
     x = {"forward": _MARGIN + 60.0, "backward": _MARGIN + 60.0}
     parts = [f'<text x="{_MARGIN}" y="{lanes["forward"] + 18}" class="lane">fw</text>',
              f'<text x="{_MARGIN}" y="{lanes["backward"] + 18}" class="lane">bw</text>']
-    centre = []
+    centre, bands = [], []
     for item in items:
         x0, y0 = x[item["side"]], lanes[item["side"]]
         x[item["side"]] += width + _GAP
         centre.append((x0 + width / 2, y0))
         parts.extend(_box(item, x0, y0, width, collapse))
+        # A band behind each run of one region's nodes, so regions show uncollapsed too.
+        if not collapse and item["region"] is not None:
+            if bands and bands[-1][:2] == [item["side"], item["region"]] and bands[-1][3] == x0 - width - _GAP:
+                bands[-1][3] = x0
+            else:
+                bands.append([item["side"], item["region"], x0, x0])
+    labelled = set()
+    for side, region, first, last in bands:
+        y0 = lanes[side]
+        label = "" if (side, region) in labelled else \
+            f'<text x="{first - 3:.1f}" y="{y0 - 7:.1f}" class="small">region {region}</text>'
+        labelled.add((side, region))
+        parts.insert(0, f'<rect x="{first - 3:.1f}" y="{y0 - 4:.1f}" width="{last - first + width + 6:.1f}" '
+                        f'height="{_BOX_H + 8}" class="band"/>{label}')
     right = max(x.values()) + _MARGIN
     cut_y = lanes["forward"] + _BOX_H + _LANE_GAP / 2
     edge_parts = []
@@ -137,7 +151,7 @@ def _box(item: dict, x0: float, y0: float, width: float, collapse: bool) -> list
     for status in COLORS:  # stripes, in legend order
         count = item["counts"].get(status, 0)
         if count:
-            w = width * count / total
+            w = max(width * count / total, min(2.0, width / 4))  # a few saved nodes stay visible
             parts.append(f'<rect x="{x0 + offset:.1f}" y="{y0:.1f}" width="{w:.1f}" height="{_BOX_H}" fill="{COLORS[status]}"/>')
             offset += w
     parts.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{width:.1f}" height="{_BOX_H}" class="box"/>')
@@ -187,7 +201,7 @@ def _legend(top: float) -> tuple[list[str], float]:
 _STYLE = ("<style>text{font-family:sans-serif;font-size:13px}.small{font-size:10px}.title{font-weight:bold}"
           ".lane{font-weight:bold;fill:#555}.box{fill:none;stroke:#333;stroke-width:0.5}"
           ".edge{fill:none;stroke:#999;stroke-width:0.6}.cut{stroke:#d62728;stroke-width:1.2}"
-          ".cutline{stroke:#000;stroke-dasharray:6,4}</style>")
+          ".cutline{stroke:#000;stroke-dasharray:6,4}.band{fill:#eeeeee;stroke:#999;stroke-width:0.5}</style>")
 
 
 def render_svg(report, *, max_nodes: int = 400) -> str:
