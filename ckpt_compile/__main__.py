@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=5, help="training steps per variant (default 5)")
     demo.add_argument("--out", default=None, help="folder for report.json and report.html (default: a new temp folder)")
     # Sizes and the compiler, for tests and experiments (hidden from --help).
-    for flag, default in (("--blocks", 4), ("--d-model", 128), ("--seq", 64), ("--batch", 8), ("--heads", 4)):
+    for flag, default in (("--blocks", 2), ("--d-model", 128), ("--seq", 64), ("--batch", 8), ("--heads", 4)):
         demo.add_argument(flag, type=int, default=default, help=argparse.SUPPRESS)
     demo.add_argument("--compiler", choices=("inductor", "eager"), default="inductor", help=argparse.SUPPRESS)
     demo.add_argument("--skip-eager", action="store_true", help=argparse.SUPPRESS)

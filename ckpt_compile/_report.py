@@ -154,8 +154,9 @@ def _frames(trace: str) -> list[tuple[str, str, str, str]]:
 
 
 def _is_library(path: str) -> bool:
+    # torch and this package's engine; the demo (ckpt_compile/_demo.py) is user code.
     parts = pathlib.PurePath(path).parts
-    return "torch" in parts or "ckpt_compile" in parts
+    return "torch" in parts or ("ckpt_compile" in parts and parts[-1] != "_demo.py")
 
 
 # ---------------------------------------------------------------- the report
