@@ -7,8 +7,8 @@ shards are gathered with ``DTensor.full_tensor()``), names equal to the unwrappe
 and each block's forward counted per step: twice when checkpointed (so the recomputation
 really ran), once when offloaded. PyTorch's own ``checkpoint_wrapper`` runs under FSDP2 too,
 as a reference: same gradients, but its parameter names leak ``_checkpoint_wrapped_module.``.
-The last scenario fails on purpose, to check that a failing rank ends the world with its
-traceback instead of hanging it. The NCCL variant runs the same scenarios on 2 GPUs and
+The last scenario hangs on purpose, to check that a hang ends the world with the hung
+rank's traceback instead of stalling. The NCCL variant runs the same scenarios on 2 GPUs and
 skips cleanly without them.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -189,11 +190,15 @@ def _fsdp2_state_dict(rank, world_size, out_dir, device="cpu"):
     }
 
 
-def _fail_on_rank_1(rank, world_size, out_dir, device="cpu"):
-    """Rank 1 raises while rank 0 waits for it in a collective: the world must end, not hang."""
-    if rank == 1:
-        raise ValueError("deliberate failure on rank 1")
-    dist.barrier()
+def _hang_on_rank_0(rank, world_size, out_dir, device="cpu"):
+    """Rank 0 waits in a barrier that rank 1 never joins: a hang.
+
+    The group's collective timeout (3 s) bounds it; rank 0 then raises, and the world must
+    end with its traceback while rank 1 waits at the next barrier.
+    """
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=3))
+    if rank == 0:
+        dist.barrier(group=group)
     return {}
 
 
@@ -220,7 +225,7 @@ def _scenarios(device: str) -> list[Scenario]:
             for how in SHARD_THEN_WRAPPINGS
         ),
         Scenario("fsdp2-state-dict", _fsdp2_state_dict, {"device": device}),
-        Scenario("deliberate-failure", _fail_on_rank_1, {"device": device}),  # keep it last
+        Scenario("deliberate-hang", _hang_on_rank_0, {"device": device}),  # keep it last
     ]
 
 
@@ -326,12 +331,13 @@ def test_fsdp2_state_dict_and_dcp_round_trip_keep_unwrapped_names(world):
                 assert torch.equal(state[name], value), f"loaded into {how}: {name}"
 
 
-def test_a_failing_rank_ends_the_world_with_its_traceback(world):
+def test_a_hang_fails_with_the_hung_ranks_traceback(world):
     # The scenarios before it left their results (the tests above); this one left none, and
-    # the error names the rank, the scenario and the original exception.
-    with pytest.raises(AssertionError, match="deliberate-failure") as info:
-        world.results("deliberate-failure")
+    # the error names the rank, the scenario and the collective that timed out (not the
+    # world's own, much longer, timeout).
+    with pytest.raises(AssertionError, match="deliberate-hang") as info:
+        world.results("deliberate-hang")
     message = str(info.value)
-    assert "rank 1, scenario 'deliberate-failure' failed" in message
-    assert "ValueError: deliberate failure on rank 1" in message
-    assert "timed out" not in message
+    assert "rank 0, scenario 'deliberate-hang' failed" in message
+    assert "dist.barrier(group=group)" in message
+    assert "Timed out waiting 3000ms" in message  # gloo's own words
