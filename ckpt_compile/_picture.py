@@ -29,7 +29,7 @@ COLORS = {
 }
 _LEGEND = {
     "saved": "saved for backward (crosses the cut)", "recomputed": "recomputed in backward",
-    "banned": "never recomputed (banned)", "forward": "forward", "backward": "backward",
+    "banned": "never recomputed (banned), not saved", "forward": "forward", "backward": "backward",
 }
 _NODE_W, _GROUP_W, _GAP, _BOX_H, _LANE_GAP, _MARGIN = 10, 64, 4, 28, 120, 20
 
@@ -55,7 +55,7 @@ def graph_structure(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fw
     for side, module in (("forward", fw_module), ("backward", bw_module)):
         for node in calls(module):
             if side == "forward":
-                status = "banned" if node.name in banned else "saved" if node.name in saved else "forward"
+                status = "saved" if node.name in saved else "banned" if node.name in banned else "forward"
             else:
                 status = "recomputed" if node.name in recomputed else "backward"
             index[side, node.name] = len(nodes)

@@ -48,7 +48,7 @@ def test_svg_is_well_formed_with_one_box_per_node(report, tmp_path):
     # Each box is filled with its node's colour; the statuses match the report's counts.
     fills = [b.findall(f"{SVG}rect")[0].get("fill") for b in boxes]
     assert fills.count(COLORS["recomputed"]) == report.recomputed_nodes
-    assert fills.count(COLORS["saved"]) + fills.count(COLORS["banned"]) >= report.saved_tensors
+    assert fills.count(COLORS["saved"]) == report.saved_tensors
     # The cut: one red line per (saved value, backward reader) pair.
     cut = [e for e in root.iter(f"{SVG}line") if e.get("class") == "cut"]
     assert len(cut) == len({tuple(p) for p in graph["graph"]["cut"]}) > 0
