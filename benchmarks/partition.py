@@ -8,7 +8,7 @@ and recompute FLOPs are measured on the graphs each returns, with the same estim
 (:func:`ckpt_compile.passes.problem.node_flops`).
 
     python benchmarks/partition.py                 # 4, 16, 64 blocks
-    python benchmarks/partition.py --blocks 256    # the big one (torch alone takes ~40 s)
+    python benchmarks/partition.py --blocks 256 --no-budgets   # the big one, times and bytes
     python benchmarks/partition.py --flow          # time networkx max-flow algorithms
 
 Writes ``benchmarks/partition_plot.svg`` (saved bytes vs recompute FLOPs at each budget).
@@ -105,7 +105,7 @@ def timed(fn, joint, *args):
     return time.perf_counter() - start, result
 
 
-def bench_case(blocks, checkpointed, rounds):
+def bench_case(blocks, checkpointed, rounds, budgets=BUDGETS):
     joint, inputs, kwargs = joint_graph(blocks, checkpointed)
     n_fwd = kwargs["num_fwd_outputs"]
     ours_t, torch_t = [], []
@@ -120,7 +120,7 @@ def bench_case(blocks, checkpointed, rounds):
         "ratios": [a / b for a, b in zip(ours_t, torch_t)],
         "ours": measure(*ours, joint, n_fwd), "torch": measure(*theirs, joint, n_fwd), "budgets": {},
     }
-    for budget in BUDGETS:
+    for budget in budgets:
         try:
             mine = measure(*run_ours(copy.deepcopy(joint), inputs, kwargs, budget), joint, n_fwd)
         except ValueError as e:  # budget below the smallest feasible one
@@ -218,6 +218,7 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flow", action="store_true", help="time networkx max-flow algorithms instead")
+    parser.add_argument("--no-budgets", action="store_true", help="skip the memory-budget comparison (slow at 256 blocks)")
     parser.add_argument("--svg", type=Path, default=Path(__file__).with_name("partition_plot.svg"))
     args = parser.parse_args(argv)
     torch._inductor.config.force_disable_caches = True  # time partitioning, not cache hits
@@ -228,10 +229,11 @@ def main(argv=None):
     rows = []
     for blocks in args.blocks:
         for checkpointed in (False, True):
-            rows.append(bench_case(blocks, checkpointed, args.rounds))
+            rows.append(bench_case(blocks, checkpointed, args.rounds, () if args.no_budgets else BUDGETS))
             print(f"done: {blocks} blocks ckpt={checkpointed}", file=sys.stderr, flush=True)
     print_table(rows)
-    write_svg([r for r in rows if r["blocks"] == min(16, max(args.blocks))], args.svg)
+    if not args.no_budgets:
+        write_svg([r for r in rows if r["blocks"] == min(16, max(args.blocks))], args.svg)
 
 
 if __name__ == "__main__":
