@@ -19,6 +19,7 @@ import time
 import torch
 
 import ckpt_compile as cc
+from ckpt_compile._graph_stats import saved_tensor_bytes
 
 
 class _TinyGPT(torch.nn.Module):
@@ -42,34 +43,8 @@ class _TinyGPT(torch.nn.Module):
         return self.head(h)
 
 
-_SAC_MODES: list = []
-
-
-def _save_matmuls():
-    forward, recompute = cc.create_selective_checkpoint_contexts(
-        [torch.ops.aten.mm.default, torch.ops.aten.addmm.default])
-    _SAC_MODES.append(forward)  # so the demo can count the cache's bytes too
-    return forward, recompute
-
-
-def _saved_bytes(model, tokens) -> int:
-    """Bytes autograd saved, plus selective checkpointing's cache (which autograd never sees)."""
-    from ckpt_compile._selective import _cached_storages
-
-    storages: dict[int, int] = {}
-    _SAC_MODES.clear()
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens)
-    for mode in _SAC_MODES:
-        storages.update(_cached_storages(mode))
-    _SAC_MODES.clear()
-    return sum(storages.values())
+_SAVE_MATMULS = functools.partial(
+    cc.create_selective_checkpoint_contexts, [torch.ops.aten.mm.default, torch.ops.aten.addmm.default])
 
 
 def _variants():
@@ -77,7 +52,7 @@ def _variants():
         "no checkpointing": None,
         "ckpt_compile.checkpoint (non-reentrant)": functools.partial(cc.checkpoint, use_reentrant=False),
         "ckpt_compile.checkpoint (selective: save matmuls)": functools.partial(
-            cc.checkpoint, use_reentrant=False, context_fn=_save_matmuls),
+            cc.checkpoint, use_reentrant=False, context_fn=_SAVE_MATMULS),
     }
 
 
@@ -91,7 +66,7 @@ def run_eager_demo(steps: int = 5, *, vocab: int = 256, d_model: int = 128, head
         model = _TinyGPT(vocab, d_model, heads, blocks, seq)
         model.region = region
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        saved = _saved_bytes(model, data[0, :, :-1])
+        saved = saved_tensor_bytes(lambda: model(data[0, :, :-1]))
         times, loss = [], None
         for step in range(steps):
             tokens, targets = data[step, :, :-1], data[step, :, 1:]

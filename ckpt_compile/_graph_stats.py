@@ -23,8 +23,7 @@ with or without our eager checkpointing (selective checkpointing's cache include
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import sympy
 import torch
@@ -76,31 +75,11 @@ def saved_tensor_bytes(forward: Callable[[], Any]) -> int:
         storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with _selective_modes() as modes, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _selective._observe_caches() as modes, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
     for mode in modes:
         storages.update(_selective._cached_storages(mode))
     return sum(storages.values())
-
-
-@contextlib.contextmanager
-def _selective_modes() -> Iterator[list]:
-    """Collect the forward modes of every selective region entered in the block (their
-    caches hold saved bytes): the modes are created by our context function."""
-    from ckpt_compile import _selective
-
-    modes: list = []
-    original = _selective._SaveMode.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        modes.append(self)
-
-    _selective._SaveMode.__init__ = init
-    try:
-        yield modes
-    finally:
-        _selective._SaveMode.__init__ = original
 
 
 # ---------------------------------------------------------------- compiled

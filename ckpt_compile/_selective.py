@@ -13,8 +13,9 @@ needs it, so the operator is not rerun.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx.traceback as fx_traceback
@@ -46,6 +47,8 @@ def _ignored_ops() -> frozenset:
 _IGNORED_OPS = _ignored_ops()
 _RECOMPUTE = object()
 _CONSUMED = object()
+# Lists collecting every forward mode created while a `_observe_caches()` block is open.
+_OBSERVERS: list[list] = []
 
 
 class SelectiveCheckpointContext:
@@ -135,6 +138,8 @@ class _SaveMode(TorchDispatchMode):
         self.storage = storage
         self.ac_graph_id = ac_graph_id  # set by torch's checkpoint HOP under torch.compile
         self.calls: dict = defaultdict(int)
+        for observer in _OBSERVERS:
+            observer.append(self)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -168,6 +173,18 @@ class _SaveMode(TorchDispatchMode):
         else:
             self.storage[func][index] = _RECOMPUTE
         return out
+
+
+@contextlib.contextmanager
+def _observe_caches() -> Iterator[list]:
+    """Collect the forward mode of every selective region created inside the block, so
+    diagnostics can add their caches (see :func:`_cached_storages`) to saved bytes."""
+    found: list = []
+    _OBSERVERS.append(found)
+    try:
+        yield found
+    finally:
+        _OBSERVERS.remove(found)
 
 
 def _cached_storages(forward_mode: _SaveMode) -> dict[int, int]:
