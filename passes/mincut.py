@@ -144,12 +144,16 @@ def _segment_walk(problem: Any, scale: int, price: int, max_bytes: int, banned: 
     graph = _network(problem, scale, price, False, banned)
     residual = _max_flow(graph, value_only=False)
     sink_side = _reaching_sink(residual)
-    edges = nx.DiGraph(_residual_edges(residual))
-    from_source = nx.descendants(edges, SOURCE) | {SOURCE} if SOURCE in edges else {SOURCE}
+    edges = _residual_edges(residual)
+    reach = nx.DiGraph(edges)
+    from_source = nx.descendants(reach, SOURCE) | {SOURCE} if SOURCE in reach else {SOURCE}
     middle = set(graph) - sink_side - from_source
-    dag = nx.condensation(edges.subgraph(middle))
-    for key in middle - set(dag.graph["mapping"]):  # middle nodes without residual edges
-        dag.add_node(len(dag), members={key})
+    # Built in sorted order: component ids (the walk's tie-break) must not depend on the
+    # hash seed of the string halves of the node keys.
+    between = nx.DiGraph()
+    between.add_nodes_from(sorted(middle))
+    between.add_edges_from((u, v) for u, v in edges if u in middle and v in middle)
+    dag = nx.condensation(between)
     saved_bytes = sum(problem.nbytes[i] for i in _cut_of(problem, sink_side).saved)
     # A set closed under residual ancestors is a minimum cut: grow the sink side by
     # components whose residual ancestors are all in already.
