@@ -46,8 +46,8 @@ def mlp_dropout_joint(primals, tangents):
     return [out, aten.mm.default(gb, aten.t.default(w)), aten.mm.default(aten.t.default(x), gb)]
 
 
-def trace(fn, n_primals):
-    args = [torch.randn(N, N) for _ in range(n_primals)], [torch.randn(N, N)]
+def trace(fn, n_primals, device="cpu"):
+    args = [torch.randn(N, N, device=device) for _ in range(n_primals)], [torch.randn(N, N, device=device)]
     gm = make_fx(fn, tracing_mode="fake")(*args)
     for node in gm.graph.nodes:
         tangent = node.op == "placeholder" and "tangents" in node.name
@@ -65,11 +65,11 @@ def tag(gm, region=0, **policies):
     return gm
 
 
-def check_numerics(gm, fw, bw, n_primals, seed=0):
+def check_numerics(gm, fw, bw, n_primals, seed=0, device="cpu"):
     """Forward + backward of the split equal the joint graph on the same real inputs."""
     torch.manual_seed(seed)
-    primals = [torch.randn(N, N) for _ in range(n_primals)]
-    tangents = [torch.randn(N, N)]
+    primals = [torch.randn(N, N, device=device) for _ in range(n_primals)]
+    tangents = [torch.randn(N, N, device=device)]
     torch.manual_seed(1)
     expected = gm(primals, tangents)
     torch.manual_seed(1)
@@ -154,6 +154,18 @@ def test_cpu_offload_moves_saved_value_through_cpu():
     relu_input = bw.graph.find_nodes(op="placeholder")[plan.saved.index("relu")]
     assert relu_input.name == "relu" and [u.target for u in relu_input.users] == [aten._to_copy.default]
     check_numerics(gm, fw, bw, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading from a GPU needs CUDA")
+def test_cpu_offload_from_cuda_is_non_blocking():
+    gm = tag(trace(mlp_joint, 2, device="cuda"), mm=P.PREFER_RECOMPUTE, relu=P.MUST_CPU_OFFLOAD, sigmoid=P.PREFER_RECOMPUTE)
+    fw, bw, plan = plan_of(gm)
+    fw_copy = fw.graph.output_node().args[0][1 + plan.saved.index("relu")]
+    assert fw_copy.kwargs == {"device": torch.device("cpu"), "non_blocking": True}
+    assert fw_copy.meta["val"].device.type == "cpu"
+    back = next(iter(bw.graph.find_nodes(op="placeholder")[plan.saved.index("relu")].users))
+    assert back.kwargs["device"].type == "cuda" and back.kwargs["non_blocking"] is True
+    check_numerics(gm, fw, bw, 2, device="cuda")
 
 
 def test_meta_val_is_kept_on_every_node():
