@@ -43,23 +43,28 @@ class OffloadStats:
     pinned: int = 0  # of those, how many landed in pinned memory
 
 
-def _module_storages(module: nn.Module) -> set[int]:
-    """Data pointers of the storages behind ``module``'s parameters and buffers."""
-    pointers = set()
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer:  # zero-size tensors have no storage to alias
-            pointers.add(pointer)
-    return pointers
-
-
-def _shares_storage(tensor: torch.Tensor, pointers: set[int]) -> bool:
+def _storage_pointer(tensor: torch.Tensor) -> int | None:
+    """Data pointer of the storage behind ``tensor``, or None where there is no plain one."""
+    to_local = getattr(tensor, "to_local", None)
+    if callable(to_local):  # a DTensor (FSDP2-sharded parameter): its local shard has the storage
+        tensor = to_local()
     try:
-        return tensor.untyped_storage().data_ptr() in pointers
+        return tensor.untyped_storage().data_ptr() or None  # zero-size tensors alias nothing
     except (RuntimeError, NotImplementedError):
         # Tensor subclasses and sparse tensors may have no plain storage: treat them as
         # activations, the conservative choice.
-        return False
+        return None
+
+
+def _module_storages(module: nn.Module) -> set[int]:
+    """Data pointers of the storages behind ``module``'s parameters and buffers."""
+    pointers = (_storage_pointer(t) for t in itertools.chain(module.parameters(), module.buffers()))
+    return {p for p in pointers if p is not None}
+
+
+def _shares_storage(tensor: torch.Tensor, pointers: set[int]) -> bool:
+    pointer = _storage_pointer(tensor)
+    return pointer is not None and pointer in pointers
 
 
 @contextlib.contextmanager

@@ -129,7 +129,7 @@ def _fsdp2_shard_then_wrap(rank, world_size, out_dir, how, device="cpu"):
     """The other order: ``fully_shard`` the blocks first, then apply checkpointing.
 
     An exception is returned as data rather than raised: both ranks fail at the same point,
-    and the world goes on to the scenarios after this one (see the xfail below).
+    and the world goes on to the scenarios after this one.
     """
     dev = _rank_device(rank, device)
     model = build_model()
@@ -294,16 +294,7 @@ def _strip_torch_prefix(result):
     [
         "checkpoint_wrapper",
         "composable",
-        pytest.param(
-            "offload_wrapper",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ckpt_compile bug: OffloadWrapper.forward reads the storage of every "
-                "parameter (_wrap_offload._module_storages), and a parameter sharded by "
-                "fully_shard is a DTensor with no storage: RuntimeError 'Attempted to access "
-                "the data pointer on an invalid python storage'",
-            ),
-        ),
+        "offload_wrapper",
     ],
 )
 def test_fsdp2_checkpointing_applied_after_fully_shard(world, reference, how):
