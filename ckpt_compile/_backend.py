@@ -25,10 +25,11 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 import types
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -99,9 +100,13 @@ class _CkptPartitioner(CustomPartitionerFn):
 
         joint_module = passes.tag_recompute(joint_module)
         partition_fn = self.partition_fn or passes.partition
-        fw_module, bw_module = partition_fn(
-            joint_module, joint_inputs, memory_budget=self.options.memory_budget, **kwargs
+        budget, no_checkpoint_bytes = _partition_budget(
+            joint_module, joint_inputs, kwargs, partition_fn, self.options.memory_budget
         )
+        try:
+            fw_module, bw_module = partition_fn(joint_module, joint_inputs, memory_budget=budget, **kwargs)
+        except ValueError as e:
+            _raise_budget_error(e, self.options.memory_budget, no_checkpoint_bytes)
         for module in (fw_module, bw_module):
             module.graph.lint()
         self.reports.append(_graph_report(
@@ -115,6 +120,41 @@ class _CkptPartitioner(CustomPartitionerFn):
             _source_hash() + f"{_PARTITIONER_VERSION};{self.options.fingerprint()};"
             f"{self.fingerprint}".encode()
         ).hexdigest()
+
+
+def _partition_budget(joint_module, joint_inputs, kwargs, partition_fn, budget: float):
+    """``(budget on the partitioner's scale, no-checkpoint saved bytes or None)``.
+
+    API.md: ``memory_budget`` is a fraction of the activation bytes the same graph saves
+    with no checkpointing at all. The partitioner's ``memory_budget`` is a fraction of the
+    bytes its own plan saves at 1.0, which for a graph with checkpoint regions is already
+    the (smaller) checkpointed figure. Without regions the two scales coincide.
+    """
+    if budget >= 1.0 or not any("recompute" in node.meta for node in joint_module.graph.nodes):
+        return budget, None
+    from ckpt_compile._graph_stats import baseline_partition
+
+    no_checkpoint = baseline_partition(joint_module, partition_fn, joint_inputs, **kwargs)[0].meta["ckpt_plan"]
+    checkpointed = partition_fn(joint_module, joint_inputs, **kwargs)[0].meta["ckpt_plan"]
+    if checkpointed.saved_bytes == 0:
+        return 1.0, no_checkpoint.saved_bytes
+    return min(1.0, budget * no_checkpoint.saved_bytes / checkpointed.saved_bytes), no_checkpoint.saved_bytes
+
+
+def _raise_budget_error(error: ValueError, budget: float, no_checkpoint_bytes: int | None):
+    """Re-raise an infeasible budget in the option's own units (see _partition_budget)."""
+    from ckpt_compile.passes.mincut import BudgetTooSmall
+
+    too_small = error.__cause__
+    if not isinstance(too_small, BudgetTooSmall) or not no_checkpoint_bytes:
+        raise error
+    smallest = math.ceil(too_small.min_bytes / no_checkpoint_bytes * 1e4) / 1e4
+    raise ValueError(
+        f'backend="ckpt": options memory_budget={budget} is infeasible for this graph: it must '
+        f"save at least {too_small.min_bytes} bytes (checkpoint region boundaries and values "
+        f"that may not be recomputed), {smallest} of the {no_checkpoint_bytes} bytes it saves "
+        f"with no checkpointing. Use memory_budget >= {smallest}."
+    ) from error
 
 
 def _compile_inductor(gm, example_inputs, partitioner, opts: BackendOptions):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import json
 import logging
 from collections import Counter
@@ -430,3 +431,21 @@ def test_inductor_dynamic_shapes_one_compile():
         x = _inputs(batch=batch)
         _assert_close(_step(c.model, c.fn, x), _step(c.eager, c.eager, x), rtol=1e-4, atol=1e-5)
     assert c.compiles == 1 and len(c.reports) == 1
+
+
+def test_memory_budget_is_a_fraction_of_the_no_checkpoint_bytes():
+    # API.md: with checkpoint regions the budget still counts against the bytes the model
+    # would save with no checkpointing at all.
+    plain, per_block = compiled("mlp", "none"), compiled("mlp", "ours")
+    _step(plain.model, plain.fn, _inputs())
+    _step(per_block.model, per_block.fn, _inputs())
+    no_ckpt, ckpt = plain.reports[0]["saved_bytes"], per_block.reports[0]["saved_bytes"]
+    assert ckpt < no_ckpt
+    loose = compiled("mlp", "ours", budget=round(ckpt / no_ckpt + 0.01, 2))  # met by the regions alone
+    _assert_close(_step(loose.model, loose.fn, _inputs()), reference("mlp"))
+    assert loose.reports[0]["saved_bytes"] == ckpt
+    # Here the regions save only their boundaries, which nothing can recompute: a tighter
+    # budget is infeasible, and the error names the smallest one in the option's units.
+    tight = compiled("mlp", "ours", budget=round(ckpt / no_ckpt / 2, 4))
+    with pytest.raises(Exception, match=rf"Use memory_budget >= {math.ceil(ckpt / no_ckpt * 1e4) / 1e4}"):
+        _step(tight.model, tight.fn, _inputs())
