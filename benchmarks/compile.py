@@ -20,7 +20,6 @@ same inductor pre-pass for both backends).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import sys
@@ -32,14 +31,7 @@ import torch.utils.checkpoint as tuc
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import ckpt_compile as cc
-
-
-def make_model(blocks: int, d_model: int, heads: int) -> torch.nn.ModuleList:
-    torch.manual_seed(0)
-    return torch.nn.ModuleList(
-        torch.nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.1, batch_first=True)
-        for _ in range(blocks)
-    )
+from _transformer import make_model, size_arguments
 
 
 def _run(model, wrap, x):
@@ -127,14 +119,7 @@ def step_time(model, fn, x) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blocks", type=int, default=8)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=1)
+    p = size_arguments(__doc__)
     args = p.parse_args(argv)
 
     model = make_model(args.blocks, args.d_model, args.heads)

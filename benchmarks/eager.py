@@ -12,7 +12,6 @@ autograd never sees), counted the same way for ours and torch's.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import sys
@@ -22,6 +21,7 @@ import torch
 import torch.utils.checkpoint as tuc
 
 import ckpt_compile as cc
+from _transformer import make_model, size_arguments
 
 SAVE_MATMULS = [
     torch.ops.aten.mm.default,
@@ -29,14 +29,6 @@ SAVE_MATMULS = [
     torch.ops.aten.bmm.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 ]
-
-
-def make_model(blocks: int, d_model: int, heads: int) -> torch.nn.ModuleList:
-    torch.manual_seed(0)
-    return torch.nn.ModuleList(
-        torch.nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.1, batch_first=True)
-        for _ in range(blocks)
-    )
 
 
 _CACHES: list = []
@@ -133,14 +125,7 @@ def bookkeeping_ratio(rounds: int, regions: int = 200) -> tuple[float, float, fl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blocks", type=int, default=8)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=1)
+    p = size_arguments(__doc__)
     args = p.parse_args(argv)
 
     model = make_model(args.blocks, args.d_model, args.heads)

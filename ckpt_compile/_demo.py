@@ -56,6 +56,23 @@ def _variants():
     }
 
 
+def _train(model, opt, data: torch.Tensor, vocab: int, after_first=None) -> tuple[list[float], torch.Tensor]:
+    """One SGD step per batch of ``data`` (next-token loss); step times and the last loss."""
+    times, loss = [], None
+    for step in range(data.shape[0]):
+        tokens, targets = data[step, :, :-1], data[step, :, 1:]
+        start = time.perf_counter()
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+        if step == 0 and after_first is not None:
+            after_first(times[0])
+    return times, loss
+
+
 def run_eager_demo(steps: int = 5, *, vocab: int = 256, d_model: int = 128, heads: int = 4,
                    blocks: int = 4, seq: int = 64, batch: int = 8, out=print) -> list[dict]:
     """Train the same model under each variant; print and return one row per variant."""
@@ -67,16 +84,7 @@ def run_eager_demo(steps: int = 5, *, vocab: int = 256, d_model: int = 128, head
         model.region = region
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         saved = saved_tensor_bytes(lambda: model(data[0, :, :-1]))
-        times, loss = [], None
-        for step in range(steps):
-            tokens, targets = data[step, :, :-1], data[step, :, 1:]
-            start = time.perf_counter()
-            logits = model(tokens)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - start)
+        times, loss = _train(model, opt, data, vocab)
         rows.append({"variant": name, "saved_bytes": saved, "step_s": statistics.median(times), "loss": loss.item()})
     width = max(len(r["variant"]) for r in rows)
     out(f"Eager: {blocks}-block GPT (d_model {d_model}, seq {seq}, batch {batch}), {steps} SGD steps each")
@@ -122,18 +130,8 @@ def run_compiled_demo(steps: int, report_path: pathlib.Path, *, vocab: int = 256
         compiled = torch.compile(model, **compile_kwargs)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         out(f"  [{k}/{len(variants)}] {name}: compiling (first step) ...")
-        times, loss = [], None
-        for step in range(steps):
-            tokens, targets = data[step, :, :-1], data[step, :, 1:]
-            start = time.perf_counter()
-            logits = compiled(tokens)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - start)
-            if step == 0:
-                out(f"        compiled in {times[0]:.1f} s; training {steps - 1} more step(s)")
+        times, loss = _train(compiled, opt, data, vocab, after_first=lambda seconds: out(
+            f"        compiled in {seconds:.1f} s; training {steps - 1} more step(s)"))
         saved = saved_tensor_bytes(lambda: compiled(data[0, :, :-1]))
         rows.append({"variant": name, "saved_bytes": saved, "compile_s": times[0],
                      "step_s": statistics.median(times[1:] or times), "loss": loss.item()})
