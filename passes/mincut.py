@@ -242,12 +242,12 @@ def budget_cut(problem: Any, max_bytes: int, *, exact_limit: int = EXACT_LIMIT) 
         if on_segment:
             walked = _segment_walk(problem, scale, price, max_bytes, hard)
             candidates = [p for p in (low, mid, walked and _point(problem, walked)) if p and p[0] <= max_bytes]
-            return _fill(problem, min(candidates, key=lambda p: (p[1], p[0]))[2], max_bytes)
+            return _swap_search(problem, _fill(problem, min(candidates, key=lambda p: (p[1], p[0]))[2], max_bytes), max_bytes)
         if mid[0] <= max_bytes:
             low = mid
         else:
             high = mid
-    return _fill(problem, low[2], max_bytes)
+    return _swap_search(problem, _fill(problem, low[2], max_bytes), max_bytes)
 
 
 def _fill(problem: Any, cut: Cut, max_bytes: int, *, rounds: int = 8, width: int = 16) -> Cut:
@@ -276,6 +276,156 @@ def _fill(problem: Any, cut: Cut, max_bytes: int, *, rounds: int = 8, width: int
             break
         flops, saved_bytes, recomputed = best
     return Cut(tuple(sorted(saved_of(problem, recomputed))), tuple(sorted(recomputed)))
+
+
+def _swap_search(problem: Any, cut: Cut, max_bytes: int, *, width: int = 64, rounds: int = 200, depth: int = 4, deeps: int = 3) -> Cut:
+    """Local search after :func:`_fill`: the gap between hull vertices is a knapsack, and
+    the fill only ever saves more. A move here saves one of the ``width`` costliest
+    recomputed values (dropping recomputes only it needed) and, if that overshoots the
+    budget, recomputes up to ``depth`` saved values instead, each with the never-saved
+    inputs it forces and up to ``deeps - 1`` levels of its other inputs (recomputing the
+    attention projection together with the residual add it feeds, say). Each step takes
+    the move with the fewest FLOPs (then bytes) that fits; it stops when none lowers the
+    FLOPs. Deterministic (sorted candidates, ties by index). Within a step, moves are
+    scored with per-value counts of recomputed consumers, updated and undone in place."""
+    n = len(problem)
+    preds = [set() for _ in range(n)]
+    for u, v in problem.edges:
+        preds[v].add(u)
+    preds = [sorted(p) for p in preds]
+    needed = problem.needed
+    must = problem.must_save
+    nbytes, cost, weight = problem.nbytes, problem.recompute_cost, problem.save_weight
+    free = [i for i in range(n) if i not in problem.must_save]
+    R = set(cut.recomputed)
+    cnt = [0] * n
+    for v in R:
+        for u in preds[v]:
+            cnt[u] += 1
+
+    def saved(u):
+        return u not in R and (u in needed or cnt[u] > 0)
+
+    total_bytes = sum(nbytes[u] for u in range(n) if saved(u))
+    flops = sum(cost[v] for v in R)
+
+    def plan_remove(v):
+        removed, dec, stack = {v}, {}, [v]
+        while stack:
+            x = stack.pop()
+            for u in preds[x]:
+                dec[u] = dec.get(u, 0) + 1
+                if u in R and u not in removed and u not in needed and cnt[u] == dec[u]:
+                    removed.add(u)
+                    stack.append(u)
+        db = 0
+        for x in removed:
+            if x in needed or cnt[x] > dec.get(x, 0):
+                if weight[x] is None:
+                    return None
+                db += nbytes[x]
+        for u, d in dec.items():
+            if u not in R and u not in needed and cnt[u] == d:
+                db -= nbytes[u]
+        return removed, dec, db, -sum(cost[x] for x in removed)
+
+    def add_plan(w, deep=0):
+        added, newly, stack = set(), set(), [(w, 0)]
+        while stack:
+            x, level = stack.pop()
+            if x in added:
+                continue
+            added.add(x)
+            for u in preds[x]:
+                if u in R or u in added or u in needed or cnt[u] > 0:
+                    continue
+                if weight[u] is None or (level < deep and u not in must):
+                    if u in must:
+                        return None
+                    stack.append((u, level + 1))
+                else:
+                    newly.add(u)
+        db = sum(nbytes[u] for u in newly - added) - sum(nbytes[x] for x in added if saved(x))
+        return added, db, sum(cost[x] for x in added)
+
+    def do_add(added):
+        R.update(added)
+        for w in added:
+            for u in preds[w]:
+                cnt[u] += 1
+
+    def undo_add(added):
+        R.difference_update(added)
+        for w in added:
+            for u in preds[w]:
+                cnt[u] -= 1
+
+    def apply_remove(removed, dec):
+        for u, d in dec.items():
+            cnt[u] -= d
+        R.difference_update(removed)
+
+    def undo_remove(removed, dec):
+        for u, d in dec.items():
+            cnt[u] += d
+        R.update(removed)
+
+    for _ in range(rounds):
+        best = None
+        order = sorted((v for v in R if cost[v]), key=lambda v: (-cost[v], v))[:width]
+        for v in order:
+            plan = plan_remove(v)
+            if plan is None:
+                continue
+            removed, dec, db, df = plan
+            if total_bytes + db <= max_bytes:
+                cand = (flops + df, total_bytes + db, v, ())
+            else:
+                apply_remove(removed, dec)
+                cand = None
+                added, ws, tb, tf = [], [], total_bytes + db, flops + df
+                for _ in range(depth):
+                    options = []
+                    for w in free:
+                        if w in R or w in removed or not saved(w) or tf + cost[w] >= flops:
+                            continue
+                        for deep in range(deeps):
+                            d = add_plan(w, deep)
+                            if d is None or d[1] >= 0 or tf + d[2] >= flops:
+                                continue
+                            options.append(((d[1], d[2], d[0]), (w, deep)))
+                    fits = [(tf + d[1], tb + d[0], w) for d, w in options if tb + d[0] <= max_bytes]
+                    if fits:
+                        f, bb, w = min(fits)
+                        c = (f, bb, v, tuple(ws) + (w,))
+                        if cand is None or c < cand:
+                            cand = c
+                    if not options:
+                        break
+                    d, w = min(options, key=lambda o: (o[0][1] / -o[0][0], o[1]))
+                    added.append(d[2])
+                    ws.append(w)
+                    do_add(d[2])
+                    tb += d[0]
+                    tf += d[1]
+                for w in reversed(added):
+                    undo_add(w)
+                undo_remove(removed, dec)
+            if cand and cand[0] < flops and (best is None or cand < best):
+                best = cand
+        if best is None:
+            break
+        _, _, v, additions = best
+        removed, dec, db, df = plan_remove(v)
+        apply_remove(removed, dec)
+        total_bytes += db
+        flops += df
+        for w, deep in additions:
+            added, db, df = add_plan(w, deep)
+            do_add(added)
+            total_bytes += db
+            flops += df
+    return Cut(tuple(sorted(saved_of(problem, R))), tuple(sorted(R)))
 
 
 def _still_needed(problem: Any, preds: dict[int, list[int]], recomputed: set[int]) -> set[int]:

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from ckpt_compile.passes import mincut
 from ckpt_compile.passes.mincut import BudgetTooSmall, Cut, InfeasibleCut, budget_cut, min_cut, plan_cost
 from ckpt_compile.passes.problem import Problem
 
@@ -181,3 +182,38 @@ def test_budget_is_monotone_and_feasible(exact_limit):
             # The hull walk may miss the optimum between hull vertices, never beat it.
             assert flops >= min(f for _, b, f in relaxed if b <= limit)
             previous = (saved_bytes, flops)
+
+
+def test_swap_search_closes_a_gap_the_fill_left(monkeypatch):
+    # input(0) -> a(1, 4 B, 6 FLOPs) -> b(2, 8 B, 3) -> c(3, 16 B, 9); the backward reads a
+    # and c, c also reads a. Budget 16 B: the optimum (brute force) saves c and recomputes a
+    # from the free input (6 FLOPs). The hull walk plus fill stops at recomputing c and b
+    # (9 FLOPs, 12 B): only a swap (save c, recompute a instead) reaches the optimum.
+    p = make(4, [(0, 1), (1, 2), (0, 2), (2, 3), (1, 3)], [0, 4, 8, 16], {1, 3}, cost=[0, 6, 3, 9], must={0}, soft={2})
+    best = min((f, b) for _, b, f in brute_force(p, p.must_save) if b <= 16)
+    assert best == (6, 16)
+    improved = plan_cost(p, set(budget_cut(p, 16, exact_limit=0).recomputed))
+    assert (improved[1], improved[0]) == best
+    monkeypatch.setattr(mincut, "_swap_search", lambda problem, cut, max_bytes: cut)
+    fill_only = plan_cost(p, set(budget_cut(p, 16, exact_limit=0).recomputed))
+    assert fill_only[1] > best[0]
+
+
+def test_hull_search_matches_brute_force_on_most_budgets():
+    # The approximation (exact_limit=0) against brute force on every budget of 150 random
+    # problems: never better than the optimum (a bug), and optimal on all but a few
+    # (measured: 680 of 683; without the swap search 669, which this threshold rejects).
+    rng = random.Random(11)
+    hits = total = 0
+    for _ in range(150):
+        p = random_problem(rng)
+        relaxed = brute_force(p, p.must_save)
+        if not relaxed:
+            continue
+        for limit in sorted({b for _, b, _ in relaxed}):
+            best = min(f for _, b, f in relaxed if b <= limit)
+            saved_bytes, flops = plan_cost(p, set(budget_cut(p, limit, exact_limit=0).recomputed))
+            assert saved_bytes <= limit and flops >= best
+            hits += flops == best
+            total += 1
+    assert total >= 500 and hits >= 0.99 * total, (hits, total)
