@@ -216,11 +216,12 @@ def budget_cut(problem: Any, max_bytes: int, *, exact_limit: int = EXACT_LIMIT) 
     enumeration up to ``exact_limit`` recomputable values. Above it, an approximation:
     the two vertices of the lower convex hull of (bytes, FLOPs) around the budget, found by
     a Lagrangian search (Eisner-Severance) with integer prices, one min cut per step; then
-    a walk along the hull edge between them (:func:`_segment_walk`) and a greedy fill of
-    what is left of the budget (:func:`_fill`). Hull plans are optimal at their own bytes;
-    between vertices the plan may recompute more than the optimum (a knapsack). The walk
-    keeps saved bytes monotone in ``max_bytes``; the fill only spends budget left over
-    (monotonicity is checked on random problems and real joint graphs by the tests).
+    a walk along the hull edge between them (:func:`_segment_walk`), a greedy fill of
+    what is left of the budget (:func:`_fill`), then a swap search (:func:`_swap_search`).
+    Hull plans are optimal at their own bytes; between vertices the plan may recompute
+    more than the optimum (a knapsack). The walk keeps saved bytes monotone in
+    ``max_bytes``; fill and swaps only spend budget left over (monotonicity is checked on
+    random problems and real joint graphs by the tests).
     Raises :class:`BudgetTooSmall` when even recomputing everything allowed saves more.
     """
     hard = problem.must_save
