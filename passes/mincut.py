@@ -298,17 +298,17 @@ def _swap_search(problem: Any, cut: Cut, max_bytes: int, *, width: int = 64, rou
     must = problem.must_save
     nbytes, cost, weight = problem.nbytes, problem.recompute_cost, problem.save_weight
     free = [i for i in range(n) if i not in problem.must_save]
-    R = set(cut.recomputed)
-    cnt = [0] * n
-    for v in R:
+    recomputed = set(cut.recomputed)
+    readers = [0] * n  # per value: how many recomputed values read it
+    for v in recomputed:
         for u in preds[v]:
-            cnt[u] += 1
+            readers[u] += 1
 
     def saved(u):
-        return u not in R and (u in needed or cnt[u] > 0)
+        return u not in recomputed and (u in needed or readers[u] > 0)
 
     total_bytes = sum(nbytes[u] for u in range(n) if saved(u))
-    flops = sum(cost[v] for v in R)
+    flops = sum(cost[v] for v in recomputed)
 
     def plan_remove(v):
         removed, dec, stack = {v}, {}, [v]
@@ -316,17 +316,17 @@ def _swap_search(problem: Any, cut: Cut, max_bytes: int, *, width: int = 64, rou
             x = stack.pop()
             for u in preds[x]:
                 dec[u] = dec.get(u, 0) + 1
-                if u in R and u not in removed and u not in needed and cnt[u] == dec[u]:
+                if u in recomputed and u not in removed and u not in needed and readers[u] == dec[u]:
                     removed.add(u)
                     stack.append(u)
         db = 0
         for x in removed:
-            if x in needed or cnt[x] > dec.get(x, 0):
+            if x in needed or readers[x] > dec.get(x, 0):
                 if weight[x] is None:
                     return None
                 db += nbytes[x]
         for u, d in dec.items():
-            if u not in R and u not in needed and cnt[u] == d:
+            if u not in recomputed and u not in needed and readers[u] == d:
                 db -= nbytes[u]
         return removed, dec, db, -sum(cost[x] for x in removed)
 
@@ -338,7 +338,7 @@ def _swap_search(problem: Any, cut: Cut, max_bytes: int, *, width: int = 64, rou
                 continue
             added.add(x)
             for u in preds[x]:
-                if u in R or u in added or u in needed or cnt[u] > 0:
+                if u in recomputed or u in added or u in needed or readers[u] > 0:
                     continue
                 if weight[u] is None or (level < deep and u not in must):
                     if u in must:
@@ -350,30 +350,30 @@ def _swap_search(problem: Any, cut: Cut, max_bytes: int, *, width: int = 64, rou
         return added, db, sum(cost[x] for x in added)
 
     def do_add(added):
-        R.update(added)
+        recomputed.update(added)
         for w in added:
             for u in preds[w]:
-                cnt[u] += 1
+                readers[u] += 1
 
     def undo_add(added):
-        R.difference_update(added)
+        recomputed.difference_update(added)
         for w in added:
             for u in preds[w]:
-                cnt[u] -= 1
+                readers[u] -= 1
 
     def apply_remove(removed, dec):
         for u, d in dec.items():
-            cnt[u] -= d
-        R.difference_update(removed)
+            readers[u] -= d
+        recomputed.difference_update(removed)
 
     def undo_remove(removed, dec):
         for u, d in dec.items():
-            cnt[u] += d
-        R.update(removed)
+            readers[u] += d
+        recomputed.update(removed)
 
     for _ in range(rounds):
         best = None
-        order = sorted((v for v in R if cost[v]), key=lambda v: (-cost[v], v))[:width]
+        order = sorted((v for v in recomputed if cost[v]), key=lambda v: (-cost[v], v))[:width]
         for v in order:
             plan = plan_remove(v)
             if plan is None:
@@ -388,7 +388,7 @@ def _swap_search(problem: Any, cut: Cut, max_bytes: int, *, width: int = 64, rou
                 for _ in range(depth):
                     options = []
                     for w in free:
-                        if w in R or w in removed or not saved(w) or tf + cost[w] >= flops:
+                        if w in recomputed or w in removed or not saved(w) or tf + cost[w] >= flops:
                             continue
                         for deep in range(deeps):
                             d = add_plan(w, deep)
@@ -426,7 +426,7 @@ def _swap_search(problem: Any, cut: Cut, max_bytes: int, *, width: int = 64, rou
             do_add(added)
             total_bytes += db
             flops += df
-    return Cut(tuple(sorted(saved_of(problem, R))), tuple(sorted(R)))
+    return Cut(tuple(sorted(saved_of(problem, recomputed))), tuple(sorted(recomputed)))
 
 
 def _still_needed(problem: Any, preds: dict[int, list[int]], recomputed: set[int]) -> set[int]:
