@@ -34,10 +34,9 @@ import torch.utils.checkpoint as torch_checkpoint
 
 from ckpt_compile import _checkpoint
 from ckpt_compile._common import noop_context_fn
+from ckpt_compile._non_reentrant import _metadata_fn
 
 __all__ = ["checkpoint_under_dynamo"]
-
-_DETERMINISM_CHECKS = ("default", "none")
 
 
 def checkpoint_under_dynamo(
@@ -55,11 +54,7 @@ def checkpoint_under_dynamo(
 
     Called by ``ckpt_compile.checkpoint`` only while Dynamo traces; same arguments.
     """
-    if determinism_check not in _DETERMINISM_CHECKS:
-        raise ValueError(
-            f"ckpt_compile.checkpoint: determinism_check={determinism_check!r} is not "
-            f"supported; use one of {_DETERMINISM_CHECKS}"
-        )
+    _metadata_fn(determinism_check)  # the eager engine's validation and message
     if use_reentrant and (context_fn is not noop_context_fn or debug):
         raise ValueError(
             "Passing `context_fn` or `debug` is only supported when use_reentrant=False."

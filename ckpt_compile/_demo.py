@@ -73,6 +73,20 @@ def _train(model, opt, data: torch.Tensor, vocab: int, after_first=None) -> tupl
     return times, loss
 
 
+def _print_rows(out, title: str, rows: list[dict]) -> None:
+    """One aligned table; saved bytes also as a share of the first row (the baseline)."""
+    width = max(len(r["variant"]) for r in rows)
+    timed = "compile_s" in rows[0]
+    out(title)
+    out(f"{'variant':<{width}}  {'saved activations':>17}  " + (f"{'first step':>10}  " if timed else "")
+        + f"{'step time':>9}  {'final loss':>10}")
+    for r in rows:
+        ratio = f"({r['saved_bytes'] / rows[0]['saved_bytes']:.0%})"
+        first = f"{r['compile_s']:9.1f}s  " if timed else ""
+        out(f"{r['variant']:<{width}}  {r['saved_bytes'] / 2**20:9.2f} MiB {ratio:>6}  {first}"
+            f"{r['step_s'] * 1000:7.1f}ms  {r['loss']:10.6f}")
+
+
 def run_eager_demo(steps: int = 5, *, vocab: int = 256, d_model: int = 128, heads: int = 4,
                    blocks: int = 4, seq: int = 64, batch: int = 8, out=print) -> list[dict]:
     """Train the same model under each variant; print and return one row per variant."""
@@ -86,14 +100,8 @@ def run_eager_demo(steps: int = 5, *, vocab: int = 256, d_model: int = 128, head
         saved = saved_tensor_bytes(lambda: model(data[0, :, :-1]))
         times, loss = _train(model, opt, data, vocab)
         rows.append({"variant": name, "saved_bytes": saved, "step_s": statistics.median(times), "loss": loss.item()})
-    width = max(len(r["variant"]) for r in rows)
-    out(f"Eager: {blocks}-block GPT (d_model {d_model}, seq {seq}, batch {batch}), {steps} SGD steps each")
-    out(f"{'variant':<{width}}  {'saved activations':>17}  {'step time':>9}  {'final loss':>10}")
-    base = rows[0]
-    for r in rows:
-        ratio = f"({r['saved_bytes'] / base['saved_bytes']:.0%})"
-        out(f"{r['variant']:<{width}}  {r['saved_bytes'] / 2**20:9.2f} MiB {ratio:>6}  "
-            f"{r['step_s'] * 1000:7.1f}ms  {r['loss']:10.6f}")
+    _print_rows(out, f"Eager: {blocks}-block GPT (d_model {d_model}, seq {seq}, batch {batch}), "
+                     f"{steps} SGD steps each", rows)
     return rows
 
 
@@ -135,14 +143,7 @@ def run_compiled_demo(steps: int, report_path: pathlib.Path, *, vocab: int = 256
         saved = saved_tensor_bytes(lambda: compiled(data[0, :, :-1]))
         rows.append({"variant": name, "saved_bytes": saved, "compile_s": times[0],
                      "step_s": statistics.median(times[1:] or times), "loss": loss.item()})
-    width = max(len(r["variant"]) for r in rows)
-    out(f"Compiled ({compiler}): same model, {steps} SGD steps each")
-    out(f"{'variant':<{width}}  {'saved activations':>17}  {'first step':>10}  {'step time':>9}  {'final loss':>10}")
-    base = rows[0]
-    for r in rows:
-        ratio = f"({r['saved_bytes'] / base['saved_bytes']:.0%})"
-        out(f"{r['variant']:<{width}}  {r['saved_bytes'] / 2**20:9.2f} MiB {ratio:>6}  {r['compile_s']:9.1f}s  "
-            f"{r['step_s'] * 1000:7.1f}ms  {r['loss']:10.6f}")
+    _print_rows(out, f"Compiled ({compiler}): same model, {steps} SGD steps each", rows)
     return rows
 
 

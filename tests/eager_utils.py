@@ -41,6 +41,18 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def graph_size(out: torch.Tensor) -> int:
+    """Number of autograd nodes reachable from ``out.grad_fn``."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return len(seen)
+
+
 def grads_of(module: torch.nn.Module | None, *tensors: torch.Tensor) -> list[torch.Tensor]:
     out = [] if module is None else [p.grad.clone() for p in module.parameters() if p.grad is not None]
     return out + [t.grad.clone() for t in tensors if t.grad is not None]

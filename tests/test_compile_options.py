@@ -309,3 +309,18 @@ def test_docstring_examples(name):
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_bad_determinism_check_under_compile_is_the_eager_error():
+    import ckpt_compile as cc
+
+    def fn(x):
+        return cc.checkpoint(torch.sin, x, use_reentrant=False, determinism_check="strict")
+
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"determinism_check should be one of \['default', 'none'\], but got 'strict'"):
+        fn(x)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"determinism_check should be one of \['default', 'none'\], but got 'strict'"):
+        torch.compile(fn, backend="ckpt", options={"inner": "eager"})(x)
+    torch._dynamo.reset()

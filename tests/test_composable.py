@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ckpt_compile as cc
+from eager_utils import graph_size
 from ckpt_compile.composable import checkpoint
 
 # The reference implementation; absent on torch builds without distributed.
@@ -265,17 +266,6 @@ def test_deepcopy_keeps_checkpointing_independent():
     clone.inner.calls = net.inner.calls = 0
     run(net), run(clone)
     assert (net.inner.calls, clone.inner.calls) == (2, 1)
-
-
-def graph_size(out: torch.Tensor) -> int:
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return len(seen)
 
 
 def test_graph_size_and_saved_tensors_match_pytorch_composable():

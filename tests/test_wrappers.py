@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import ckpt_compile as cc
+from eager_utils import graph_size
 from ckpt_compile.wrappers import (
     ActivationWrapper,
     CheckpointImpl,
@@ -482,18 +483,6 @@ def test_activation_wrapper_is_abstract():
 
 
 # --- autograd graph size (in the spirit of PyTorch's composable checkpoint tests) -------
-
-
-def graph_size(out: torch.Tensor) -> int:
-    """Number of autograd nodes reachable from ``out.grad_fn``."""
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return len(seen)
 
 
 def test_reentrant_wrapper_gives_a_smaller_graph_same_as_pytorch():
