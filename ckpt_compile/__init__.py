@@ -4,7 +4,13 @@ A drop-in replacement for ``torch.utils.checkpoint`` (swap the import), module w
 (``checkpoint_wrapper``, ``offload_wrapper``, ``apply_activation_checkpointing``), a
 composable ``ckpt_compile.composable.checkpoint(module)``, and a ``torch.compile`` backend
 ``backend="ckpt"`` whose saved-versus-recomputed decision is a networkx min-cut
-(``ckpt_compile.passes``).
+(``ckpt_compile.passes``), and diagnostics (``explain``, ``Report``, ``write_picture``,
+``saved_tensor_bytes``, ``autograd_nodes``).
+
+Layout, one subpackage per part (each one's docstring says what it may import):
+``eager/`` the engine, ``modules/`` wrappers and composable, ``compile/`` the backend and
+``explain``, ``diagnostics/`` reports and pictures, ``cli/`` the command line; the
+top-level ``passes/`` folder ships as ``ckpt_compile.passes``.
 
 >>> import torch, ckpt_compile as cc
 >>> x = torch.randn(4, 4, requires_grad=True)
@@ -17,16 +23,16 @@ from __future__ import annotations
 
 import importlib
 
-from ckpt_compile._checkpoint import checkpoint, checkpoint_sequential
-from ckpt_compile._common import (
+from ckpt_compile.eager._checkpoint import checkpoint, checkpoint_sequential
+from ckpt_compile.eager._common import (
     CheckpointError,
     GraphExecGroup,
     noop_context_fn,
     set_checkpoint_debug_enabled,
     set_checkpoint_early_stop,
 )
-from ckpt_compile._device_state import DefaultDeviceType
-from ckpt_compile._selective import (
+from ckpt_compile.eager._device_state import DefaultDeviceType
+from ckpt_compile.eager._selective import (
     CheckpointPolicy,
     SelectiveCheckpointContext,
     create_selective_checkpoint_contexts,
@@ -35,15 +41,19 @@ from ckpt_compile._selective import (
 # Names whose modules import heavier parts of torch (distributed, inductor) are loaded on
 # first use, so `import ckpt_compile` stays cheap and never fails on an optional piece.
 _LAZY = {
-    "CheckpointImpl": "ckpt_compile.wrappers",
-    "ActivationWrapper": "ckpt_compile.wrappers",
-    "CheckpointWrapper": "ckpt_compile.wrappers",
-    "OffloadWrapper": "ckpt_compile.wrappers",
-    "checkpoint_wrapper": "ckpt_compile.wrappers",
-    "offload_wrapper": "ckpt_compile.wrappers",
-    "apply_activation_checkpointing": "ckpt_compile.wrappers",
-    "backend": "ckpt_compile._backend",
-    "explain": "ckpt_compile._explain",
+    "CheckpointImpl": "ckpt_compile.modules.wrappers",
+    "ActivationWrapper": "ckpt_compile.modules.wrappers",
+    "CheckpointWrapper": "ckpt_compile.modules.wrappers",
+    "OffloadWrapper": "ckpt_compile.modules.wrappers",
+    "checkpoint_wrapper": "ckpt_compile.modules.wrappers",
+    "offload_wrapper": "ckpt_compile.modules.wrappers",
+    "apply_activation_checkpointing": "ckpt_compile.modules.wrappers",
+    "backend": "ckpt_compile.compile._backend",
+    "explain": "ckpt_compile.compile._explain",
+    "Report": "ckpt_compile.diagnostics._report",
+    "write_picture": "ckpt_compile.diagnostics._picture",
+    "saved_tensor_bytes": "ckpt_compile.diagnostics._graph_stats",
+    "autograd_nodes": "ckpt_compile.diagnostics._graph_stats",
 }
 
 __all__ = [

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from .mincut import BudgetTooSmall, InfeasibleCut, Cut, budget_cut, min_cut, plan_cost
+from .budget import budget_cut
+from .mincut import BudgetTooSmall, InfeasibleCut, Cut, min_cut, plan_cost
 from .plan import Plan, RegionPlan
 from .problem import JointInfo, build_problem
 from .split import split, symbol_bindings

@@ -205,7 +205,7 @@ class _Compiled:
         def counted(gm, example_inputs):
             # backend="ckpt" itself, counting the graphs it compiled (a Dynamo restart of
             # the same analysis, e.g. TensorifyScalarRestartAnalysis, raises and retries).
-            from ckpt_compile import _backend
+            from ckpt_compile.compile import _backend
 
             partitioner_call = _backend._CkptPartitioner.__call__
 
@@ -347,7 +347,7 @@ def test_memory_budget_reaches_the_partitioner():
 
 
 def test_untraceable_region_falls_back_to_our_eager_engine(monkeypatch):
-    import ckpt_compile._non_reentrant as engine
+    import ckpt_compile.eager._non_reentrant as engine
 
     calls = []
     real = engine._checkpoint_non_reentrant

@@ -14,8 +14,8 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 import ckpt_compile as cc
-from ckpt_compile import _backend
-from ckpt_compile._options import BackendOptions
+from ckpt_compile.compile import _backend
+from ckpt_compile.compile._options import BackendOptions
 from ckpt_compile.passes import tag_recompute
 
 aten = torch.ops.aten
@@ -116,7 +116,7 @@ def test_entry_point_resolves_without_importing_the_package():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["ckpt_compile._backend", "backend", "True"]
+    assert out.stdout.split() == ["ckpt_compile.compile._backend", "backend", "True"]
 
 
 def test_backend_attribute_is_the_registered_callable():
@@ -301,7 +301,7 @@ def test_partitioner_uuid_changes_with_policy_and_options():
 
 
 @pytest.mark.parametrize(
-    "name", ["ckpt_compile._options", "ckpt_compile._backend", "ckpt_compile.passes.recompute_tags"]
+    "name", ["ckpt_compile.compile._options", "ckpt_compile.compile._backend", "ckpt_compile.passes.recompute_tags"]
 )
 def test_docstring_examples(name):
     import doctest

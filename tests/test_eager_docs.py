@@ -6,10 +6,10 @@ import pytest
 
 MODULES = [
     "ckpt_compile",
-    "ckpt_compile._checkpoint",
-    "ckpt_compile._common",
-    "ckpt_compile._selective",
-    "ckpt_compile._device_state",
+    "ckpt_compile.eager._checkpoint",
+    "ckpt_compile.eager._common",
+    "ckpt_compile.eager._selective",
+    "ckpt_compile.eager._device_state",
 ]
 
 

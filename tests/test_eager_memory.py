@@ -115,7 +115,7 @@ def test_no_reference_cycle_keeps_activations_alive():
 
 
 def test_recompute_trampoline_has_no_closure():
-    from ckpt_compile._common import _run_fn_with_dynamo_disabled
+    from ckpt_compile.eager._common import _run_fn_with_dynamo_disabled
 
     assert _run_fn_with_dynamo_disabled.__wrapped__.__closure__ is None
     # the dynamo-disabling wrapper itself closes over nothing but the function and a flag

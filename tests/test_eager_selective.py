@@ -132,7 +132,7 @@ def test_cpu_offload_keeps_the_value_instead_of_recomputing(policy_name):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_offload_moves_to_pinned_cpu_and_back():
-    from ckpt_compile._selective import _Cached
+    from ckpt_compile.eager._selective import _Cached
 
     x = torch.randn(64, 64, device="cuda")
     cached = _Cached(x, offload=True)
@@ -153,7 +153,7 @@ def test_cuda_offload_moves_to_pinned_cpu_and_back():
 
 
 def test_selective_saved_bytes_equal_torch_cache_included():
-    from ckpt_compile._selective import _cached_storages
+    from ckpt_compile.eager._selective import _cached_storages
     from eager_utils import SavedBytes
 
     totals = {}

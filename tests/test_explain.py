@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as tuc
 
 import ckpt_compile as cc
-from ckpt_compile._report import Report
+from ckpt_compile.diagnostics._report import Report
 
 N, D = 1024, 256  # a (1024, 256) float32 activation is exactly 1 MiB
 MIB = 2**20

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["problem", "mincut", "plan", "split", "partitioner"]
+MODULES = ["problem", "mincut", "budget", "plan", "split", "partitioner"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from ckpt_compile.passes import mincut
-from ckpt_compile.passes.mincut import BudgetTooSmall, Cut, InfeasibleCut, budget_cut, min_cut, plan_cost
+from ckpt_compile.passes import budget
+from ckpt_compile.passes.budget import budget_cut
+from ckpt_compile.passes.mincut import BudgetTooSmall, Cut, InfeasibleCut, min_cut, plan_cost
 from ckpt_compile.passes.problem import Problem
 
 
@@ -194,7 +195,7 @@ def test_swap_search_closes_a_gap_the_fill_left(monkeypatch):
     assert best == (6, 16)
     improved = plan_cost(p, set(budget_cut(p, 16, exact_limit=0).recomputed))
     assert (improved[1], improved[0]) == best
-    monkeypatch.setattr(mincut, "_swap_search", lambda problem, cut, max_bytes: cut)
+    monkeypatch.setattr(budget, "_swap_search", lambda problem, cut, max_bytes: cut)
     fill_only = plan_cost(p, set(budget_cut(p, 16, exact_limit=0).recomputed))
     assert fill_only[1] > best[0]
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 import ckpt_compile as cc
-from ckpt_compile._picture import COLORS, render_svg, write_picture
-from ckpt_compile._report import Report
+from ckpt_compile.diagnostics._picture import COLORS, render_svg, write_picture
+from ckpt_compile.diagnostics._report import Report
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.utils.checkpoint as tuc
 
 import ckpt_compile as cc
-from ckpt_compile._graph_stats import autograd_nodes, saved_tensor_bytes
-from ckpt_compile._report import Report
+from ckpt_compile.diagnostics._graph_stats import autograd_nodes, saved_tensor_bytes
+from ckpt_compile.diagnostics._report import Report
 
 MIB = 2**20
 
@@ -100,8 +100,8 @@ def test_read_names_the_file(tmp_path):
     assert isinstance(info.value.__cause__, ValueError)
 
 
-@pytest.mark.parametrize("name", ["ckpt_compile._report", "ckpt_compile._graph_stats",
-                                  "ckpt_compile._picture", "ckpt_compile._explain"])
+@pytest.mark.parametrize("name", ["ckpt_compile.diagnostics._report", "ckpt_compile.diagnostics._graph_stats",
+                                  "ckpt_compile.diagnostics._picture", "ckpt_compile.compile._explain"])
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

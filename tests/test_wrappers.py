@@ -379,7 +379,7 @@ def test_custom_checkpoint_fn_receives_the_same_call_as_in_pytorch():
 
 
 def test_default_checkpoint_fn_is_ckpt_compile_checkpoint(monkeypatch):
-    import ckpt_compile._checkpoint as engine
+    import ckpt_compile.eager._checkpoint as engine
 
     seen = []
     real = engine.checkpoint

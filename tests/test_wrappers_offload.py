@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ckpt_compile._wrap_offload import offload_saved_tensors
+from ckpt_compile.modules._offload import offload_saved_tensors
 from ckpt_compile.wrappers import checkpoint_wrapper, offload_wrapper
 
 # The reference implementation; absent on torch builds without distributed.

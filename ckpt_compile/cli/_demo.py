@@ -19,7 +19,7 @@ import time
 import torch
 
 import ckpt_compile as cc
-from ckpt_compile._graph_stats import saved_tensor_bytes
+from ckpt_compile.diagnostics._graph_stats import saved_tensor_bytes
 
 
 class _TinyGPT(torch.nn.Module):
@@ -126,7 +126,7 @@ def run_compiled_demo(steps: int, report_path: pathlib.Path, *, vocab: int = 256
     The first step compiles (timed on its own); ``backend="ckpt"`` writes its report to
     ``report_path``. Saved bytes are counted with a saved-tensors hook after training.
     """
-    from ckpt_compile._graph_stats import saved_tensor_bytes
+    from ckpt_compile.diagnostics._graph_stats import saved_tensor_bytes
 
     rows = []
     data = torch.randint(0, vocab, (steps, batch, seq + 1), generator=torch.Generator().manual_seed(0))
@@ -152,8 +152,8 @@ def run_demo(steps: int = 5, *, out_dir: str | os.PathLike | None = None, compil
     """The whole demo: eager table, compiled table, then the report of ``backend="ckpt"``
     (printed, and written with its picture to ``out_dir``, a new temp folder by default).
     Returns the folder."""
-    from ckpt_compile._explain import write_report_files
-    from ckpt_compile._report import Report
+    from ckpt_compile.compile._explain import write_report_files
+    from ckpt_compile.diagnostics._report import Report
 
     folder = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(tempfile.mkdtemp(prefix="ckpt_compile_demo_"))
     folder.mkdir(parents=True, exist_ok=True)

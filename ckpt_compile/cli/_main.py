@@ -81,7 +81,7 @@ def _demo(args) -> int:
             raise _UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.d_model % args.heads:
         raise _UsageError(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
-    from ckpt_compile._demo import run_demo
+    from ckpt_compile.cli._demo import run_demo
 
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen
 
@@ -103,7 +103,7 @@ def _explain(args) -> int:
         raise _UsageError(f"explain({args.factory}) failed: {type(e).__name__}: {first}") from e
     print(json.dumps(report.to_dict(), indent=1, sort_keys=True) if args.json else report)
     if args.out is not None:
-        from ckpt_compile._explain import write_report_files
+        from ckpt_compile.compile._explain import write_report_files
 
         for path in write_report_files(report, args.out):
             print(f"wrote {path}")
@@ -149,6 +149,3 @@ def _import(name: str):
     except Exception as e:
         raise _UsageError(f"cannot import {name!r}: {type(e).__name__}: {e}") from e
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
-from ckpt_compile._options import BackendOptions
+from ckpt_compile.compile._options import BackendOptions
 
 __all__ = ["backend"]
 
@@ -132,7 +132,7 @@ def _partition_budget(joint_module, joint_inputs, kwargs, partition_fn, budget: 
     """
     if budget >= 1.0 or not any("recompute" in node.meta for node in joint_module.graph.nodes):
         return budget, None
-    from ckpt_compile._graph_stats import baseline_partition
+    from ckpt_compile.diagnostics._graph_stats import baseline_partition
 
     no_checkpoint = baseline_partition(joint_module, partition_fn, joint_inputs, **kwargs)[0].meta["ckpt_plan"]
     checkpointed = partition_fn(joint_module, joint_inputs, **kwargs)[0].meta["ckpt_plan"]
@@ -254,13 +254,13 @@ def _consts(code: types.CodeType) -> tuple:
 def _graph_report(joint_module, fw_module, bw_module, kwargs, partition_fn, joint_inputs, detailed: bool):
     """Figures of one partition: graph sizes and saved bytes (always, computed here so a
     compile never depends on the diagnostics modules); with ``detailed`` (the report option
-    is on) the full report of ``ckpt_compile._report``: per-region rows, the graph for the
+    is on) the full report of ``ckpt_compile.diagnostics._report``: per-region rows, the graph for the
     picture, and the no-checkpoint baseline (the same joint graph partitioned again with
     its checkpoint tags hidden: no second compile)."""
     num_fwd_outputs = kwargs["num_fwd_outputs"]
     if not detailed:
         return _basic_figures(fw_module, bw_module, num_fwd_outputs)
-    from ckpt_compile import _graph_stats, _report
+    from ckpt_compile.diagnostics import _graph_stats, _report
 
     def baseline():
         return _graph_stats.baseline_partition(
@@ -312,7 +312,7 @@ def _nbytes(node: fx.Node) -> int:
 
 
 def _emit_report(reports: list[dict[str, Any]], opts: BackendOptions) -> None:
-    from ckpt_compile._report import Report
+    from ckpt_compile.diagnostics._report import Report
 
     options = {"memory_budget": opts.memory_budget, "inner": opts.inner}
     if opts.report is True:

@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from ckpt_compile._options import BackendOptions
-from ckpt_compile._report import Report
+from ckpt_compile.compile._options import BackendOptions
+from ckpt_compile.diagnostics._report import Report
 
 __all__ = ["explain"]
 
@@ -33,7 +33,7 @@ log = logging.getLogger("ckpt_compile")
 
 def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Report:
     """Compile ``model_or_fn`` with ``backend="ckpt"``, run one forward on ``example_inputs``,
-    and return the :class:`~ckpt_compile._report.Report` of what was saved and recomputed.
+    and return the :class:`~ckpt_compile.diagnostics._report.Report` of what was saved and recomputed.
 
     ``options`` are the backend's (``memory_budget``, ``inner``, ``report``: a path also
     receives the JSON); ``dynamic=`` and ``fullgraph=`` go to ``torch.compile``. The
@@ -44,7 +44,7 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
     random numbers, batch-norm statistics update, as in one training step).
 
     ``str(report)`` is a table; ``report.to_dict()`` is JSON; see also
-    ``ckpt_compile._picture.write_picture(report, "cut.html")``.
+    ``ckpt_compile.diagnostics._picture.write_picture(report, "cut.html")``.
     """
     if not callable(model_or_fn):
         raise TypeError(
@@ -77,7 +77,7 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
 
 def write_report_files(report: Report, folder: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
     """Write ``report.json`` and ``report.html`` (the picture) into ``folder``."""
-    from ckpt_compile._picture import write_picture
+    from ckpt_compile.diagnostics._picture import write_picture
 
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Graph-size figures: of one compiled partition (FX graphs) and of an eager forward pass.
 
-Compiled side, used by the backend's report (:mod:`ckpt_compile._report`):
+Compiled side, used by the backend's report (:mod:`ckpt_compile.diagnostics._report`):
 :func:`partition_figures` counts the nodes, saved tensors and recomputed work of a
 forward/backward pair straight from the graphs, and :func:`baseline_partition` partitions
 the same joint graph again with every checkpoint tag removed (the no-checkpoint baseline,
@@ -66,7 +66,7 @@ def saved_tensor_bytes(forward: Callable[[], Any]) -> int:
     cache (``ckpt_compile.create_selective_checkpoint_contexts``) is added: it holds
     activations that autograd never sees.
     """
-    from ckpt_compile import _selective
+    from ckpt_compile.eager import _selective
 
     storages: dict[int, int] = {}
 
@@ -160,3 +160,40 @@ def partition_figures(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_
         "forward_flops": sum(node_flops(n) for n in calls(fw_module)),
         "offloaded_nodes": len(plan.offloaded) if plan is not None else 0,
     }
+
+
+def format_bytes(n: int) -> str:
+    """``1536`` -> ``"1.50 KiB"``: binary units, two decimals."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def graph_structure(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int,
+                    region_of: dict[str, int]) -> dict[str, Any]:
+    """The partitioned graph as plain JSON data for :func:`render_svg`.
+
+    ``nodes``: ``[name, side, status, region]`` rows (side ``"forward"``/``"backward"``,
+    status ``saved``, ``banned``, ``forward``, ``recomputed`` or ``backward``); ``edges``: data edges within a side as index pairs;
+    ``cut``: a saved forward value -> the backward node reading it.
+    """
+    plan = fw_module.meta.get("ckpt_plan")
+    banned = {name for name, _ in plan.banned} if plan is not None else set()
+    saved = {n.name for n in saved_nodes(fw_module, num_fwd_outputs)}
+    recomputed = {n.name for n in recomputed_nodes(fw_module, bw_module)}
+    nodes, index, edges, cut = [], {}, [], []
+    for side, module in (("forward", fw_module), ("backward", bw_module)):
+        for node in calls(module):
+            if side == "forward":
+                status = "saved" if node.name in saved else "banned" if node.name in banned else "forward"
+            else:
+                status = "recomputed" if node.name in recomputed else "backward"
+            index[side, node.name] = len(nodes)
+            nodes.append([node.name, side, status, region_of.get(node.name)])
+            for source in node.all_input_nodes:
+                if (side, source.name) in index and source.op == "call_function":
+                    edges.append([index[side, source.name], index[side, node.name]])
+                elif side == "backward" and source.op == "placeholder" and ("forward", source.name) in index:
+                    cut.append([index["forward", source.name], index[side, node.name]])
+    return {"nodes": nodes, "edges": edges, "cut": cut}

@@ -7,7 +7,7 @@ than ``max_nodes`` nodes collapse every checkpoint region, and every run of node
 regions, into one box whose stripes show its share of each kind. Bottom: a bar chart of the
 bytes each region saves, ours against the no-checkpoint baseline.
 
->>> from ckpt_compile._report import Report
+>>> from ckpt_compile.diagnostics._report import Report
 >>> report = Report.from_dict({"graphs": []})
 >>> render_svg(report).startswith("<svg")
 True
@@ -19,9 +19,10 @@ import pathlib
 from typing import Any
 from xml.sax.saxutils import escape
 
-import torch.fx as fx
 
-__all__ = ["graph_structure", "render_svg", "render_html", "write_picture"]
+from ckpt_compile.diagnostics._graph_stats import format_bytes
+
+__all__ = ["render_svg", "render_html", "write_picture"]
 
 COLORS = {
     "saved": "#d62728", "recomputed": "#ff7f0e", "banned": "#9467bd",
@@ -35,37 +36,6 @@ _NODE_W, _GROUP_W, _GAP, _BOX_H, _LANE_GAP, _MARGIN = 10, 64, 4, 28, 120, 20
 
 
 # ---------------------------------------------------------------- data
-
-
-def graph_structure(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int,
-                    region_of: dict[str, int]) -> dict[str, Any]:
-    """The partitioned graph as plain JSON data for :func:`render_svg`.
-
-    ``nodes``: ``[name, side, status, region]`` rows (side ``"forward"``/``"backward"``,
-    status one of :data:`COLORS`); ``edges``: data edges within a side as index pairs;
-    ``cut``: a saved forward value -> the backward node reading it.
-    """
-    from ckpt_compile._graph_stats import calls, recomputed_nodes, saved_nodes
-
-    plan = fw_module.meta.get("ckpt_plan")
-    banned = {name for name, _ in plan.banned} if plan is not None else set()
-    saved = {n.name for n in saved_nodes(fw_module, num_fwd_outputs)}
-    recomputed = {n.name for n in recomputed_nodes(fw_module, bw_module)}
-    nodes, index, edges, cut = [], {}, [], []
-    for side, module in (("forward", fw_module), ("backward", bw_module)):
-        for node in calls(module):
-            if side == "forward":
-                status = "saved" if node.name in saved else "banned" if node.name in banned else "forward"
-            else:
-                status = "recomputed" if node.name in recomputed else "backward"
-            index[side, node.name] = len(nodes)
-            nodes.append([node.name, side, status, region_of.get(node.name)])
-            for source in node.all_input_nodes:
-                if (side, source.name) in index and source.op == "call_function":
-                    edges.append([index[side, source.name], index[side, node.name]])
-                elif side == "backward" and source.op == "placeholder" and ("forward", source.name) in index:
-                    cut.append([index["forward", source.name], index[side, node.name]])
-    return {"nodes": nodes, "edges": edges, "cut": cut}
 
 
 # ---------------------------------------------------------------- layout
@@ -163,7 +133,6 @@ def _box(item: dict, x0: float, y0: float, width: float, collapse: bool) -> list
 
 
 def _bars_svg(regions: list[dict[str, Any]], top: float) -> tuple[list[str], float, float]:
-    from ckpt_compile._report import _format_bytes
 
     parts = [f'<text x="{_MARGIN}" y="{top + 16}" class="title">saved bytes per region: ckpt vs no checkpointing</text>']
     if not regions:
@@ -179,7 +148,7 @@ def _bars_svg(regions: list[dict[str, Any]], top: float) -> tuple[list[str], flo
                 continue
             w = bar_w * value / largest
             parts.append(f'<rect x="{_MARGIN + label_w - 100}" y="{y + dy}" width="{w:.1f}" height="10" fill="{COLORS[status]}"/>')
-            parts.append(f'<text x="{_MARGIN + label_w - 96 + w:.1f}" y="{y + dy + 9}" class="small">{_format_bytes(value)}</text>')
+            parts.append(f'<text x="{_MARGIN + label_w - 96 + w:.1f}" y="{y + dy + 9}" class="small">{format_bytes(value)}</text>')
         y += 30
     y += 4
     for status, text in (("saved", 'backend="ckpt"'), ("forward", "no checkpointing")):

@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from ckpt_compile import _graph_stats
+from ckpt_compile.diagnostics import _graph_stats
+from ckpt_compile.diagnostics._graph_stats import format_bytes
 
 __all__ = ["Report", "graph_report"]
 
@@ -65,9 +66,8 @@ def graph_report(joint_module: fx.GraphModule, fw_module: fx.GraphModule, bw_mod
         figures["baseline"] = None
     figures["regions"] = _region_rows(joint_module, fw_module, bw_module, num_fwd_outputs, region_of,
                                       base_fw)
-    from ckpt_compile._picture import graph_structure
 
-    figures["graph"] = graph_structure(fw_module, bw_module, num_fwd_outputs, region_of)
+    figures["graph"] = _graph_stats.graph_structure(fw_module, bw_module, num_fwd_outputs, region_of)
     return figures
 
 
@@ -233,9 +233,9 @@ class Report:
         cost = f"+{self.recompute_flops / flops:.0%} forward FLOPs recomputed" if flops else \
             f"{self.recompute_flops} FLOPs recomputed"
         if base is None:
-            return f"saved {_format_bytes(self.saved_bytes)}, {cost}"
+            return f"saved {format_bytes(self.saved_bytes)}, {cost}"
         change = f" ({(self.saved_bytes - base['saved_bytes']) / base['saved_bytes']:+.0%})" if base["saved_bytes"] else ""
-        return f"saved {_format_bytes(base['saved_bytes'])} -> {_format_bytes(self.saved_bytes)}{change}, {cost}"
+        return f"saved {format_bytes(base['saved_bytes'])} -> {format_bytes(self.saved_bytes)}{change}, {cost}"
 
     def __str__(self) -> str:
         return "\n".join([*_figures_table(self), "", *_regions_table(self.regions), self.summary()])
@@ -251,7 +251,7 @@ def _figures_table(report: Report) -> list[str]:
     for key in FIGURES:
         ours = getattr(report, key)
         theirs = base[key] if base is not None else None
-        show = _format_bytes if key == "saved_bytes" else _format_count
+        show = format_bytes if key == "saved_bytes" else _format_count
         rows.append((key.replace("_", " ").replace("flops", "FLOPs"), show(ours),
                      "-" if theirs is None else show(theirs)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
@@ -271,7 +271,7 @@ def _regions_table(regions: list[dict[str, Any]]) -> list[str]:
         avoided = r["bytes_avoided"]
         rows.append((
             "-" if r["region"] is None else str(sum(1 for q in regions[:k] if q["region"] is not None)),
-            _format_bytes(r["saved_bytes"]), "-" if avoided is None else _format_bytes(avoided),
+            format_bytes(r["saved_bytes"]), "-" if avoided is None else format_bytes(avoided),
             str(r["recomputed_nodes"]), _format_count(r["recompute_flops"]), _clip(r["source"], 60),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
@@ -296,10 +296,3 @@ def _sum_exprs(exprs) -> str:
     import sympy
 
     return str(sympy.Add(*(sympy.sympify(e) for e in exprs)))
-
-
-def _format_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"

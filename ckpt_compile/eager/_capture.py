@@ -32,9 +32,8 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 
-from ckpt_compile import _checkpoint
-from ckpt_compile._common import noop_context_fn
-from ckpt_compile._non_reentrant import _metadata_fn
+from ckpt_compile.eager._common import _skip_as_fresh_frame, noop_context_fn
+from ckpt_compile.eager._non_reentrant import _metadata_fn
 
 __all__ = ["checkpoint_under_dynamo"]
 
@@ -75,12 +74,6 @@ def checkpoint_under_dynamo(
     )
 
 
-# After a graph break at a checkpoint call, Dynamo runs the call eagerly but would start a
-# fresh trace at the frames of `ckpt_compile.checkpoint` and of this function, fail inside
-# the region again, and end in torch's eager checkpoint. Marking just these two code
-# objects as frames to skip keeps the fallback on our eager engine (whose recompute runs
-# with Dynamo disabled); inlining them while tracing a caller is unaffected. Done at import
-# because this module is first imported by the first trace, before any fallback can run.
-for _code in (_checkpoint.checkpoint.__code__, checkpoint_under_dynamo.__code__):
-    torch._dynamo.eval_frame.skip_code(_code)
-del _code
+# After a graph break at a checkpoint call, the eager fallback stays on our engine
+# (`ckpt_compile.checkpoint` marks its own frame the same way).
+_skip_as_fresh_frame(checkpoint_under_dynamo.__code__)

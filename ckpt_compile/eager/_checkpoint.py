@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from ckpt_compile._common import noop_context_fn
+from ckpt_compile.eager._common import _skip_as_fresh_frame, noop_context_fn
 
 __all__ = ["checkpoint", "checkpoint_sequential"]
 
@@ -69,7 +69,7 @@ def checkpoint(
     torch.Size([2, 4])
     """
     if torch.compiler.is_dynamo_compiling():
-        from ckpt_compile._capture import checkpoint_under_dynamo
+        from ckpt_compile.eager._capture import checkpoint_under_dynamo
 
         return checkpoint_under_dynamo(
             function, *args, use_reentrant=use_reentrant, context_fn=context_fn,
@@ -95,10 +95,10 @@ def _checkpoint_eager(function, args, kwargs, use_reentrant, context_fn, determi
             raise ValueError("Unexpected keyword arguments: " + ",".join(kwargs))
         if context_fn is not noop_context_fn or debug is not False:
             raise ValueError("Passing `context_fn` or `debug` is only supported when use_reentrant=False.")
-        from ckpt_compile._reentrant import _ReentrantCheckpoint
+        from ckpt_compile.eager._reentrant import _ReentrantCheckpoint
 
         return _ReentrantCheckpoint.apply(function, preserve_rng_state, *args)
-    from ckpt_compile._non_reentrant import _checkpoint_non_reentrant
+    from ckpt_compile.eager._non_reentrant import _checkpoint_non_reentrant
 
     return _checkpoint_non_reentrant(
         function, args, kwargs, preserve_rng_state=preserve_rng_state, context_fn=context_fn,
@@ -159,3 +159,7 @@ def checkpoint_sequential(functions, segments: int, input, use_reentrant: bool |
             _Segment(functions, start, end), input, use_reentrant=use_reentrant, preserve_rng_state=preserve
         )
     return _Segment(functions, end, len(functions))(input)
+
+
+# The eager fallback after a graph break at a checkpoint call stays on our engine.
+_skip_as_fresh_frame(checkpoint.__code__)

@@ -116,3 +116,16 @@ def _run_fn_with_dynamo_disabled(fn, *args, **kwargs):
     in a reference cycle (pytorch#154642).
     """
     return fn(*args, **kwargs)
+
+
+def _skip_as_fresh_frame(code) -> None:
+    """Tell Dynamo never to start a trace at ``code`` (inlining it into a caller's trace is
+    unaffected): after a graph break at a checkpoint call, Dynamo runs the call eagerly and
+    would otherwise start a fresh trace inside ``checkpoint``, fail inside the region again,
+    and end in torch's eager checkpoint instead of ours. What
+    ``torch._dynamo.eval_frame.skip_code`` does, without importing Dynamo (about 1 s) at
+    ``import ckpt_compile``.
+    """
+    from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
+
+    set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.DEFAULT))

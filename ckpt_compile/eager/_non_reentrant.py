@@ -18,8 +18,8 @@ from typing import Any, Callable
 import torch
 from torch._C._autograd import SavedTensor, _make_saved_tensor
 
-from ckpt_compile._common import CheckpointError, _run_fn_with_dynamo_disabled
-from ckpt_compile._device_state import _ReplayState
+from ckpt_compile.eager._common import CheckpointError, _run_fn_with_dynamo_disabled
+from ckpt_compile.eager._device_state import _ReplayState
 
 _DEBUG_TIP = (
     "Tip: pass debug=True to ckpt_compile.checkpoint(...) or wrap the code in "
@@ -206,12 +206,12 @@ def _region_contexts(context_fn: Callable, debug: bool):
     ``set_checkpoint_debug_enabled`` overrides ``debug``; debug mode brings its own pair of
     operator-tracing contexts, so it cannot be combined with a user ``context_fn``.
     """
-    from ckpt_compile._common import _Switches, noop_context_fn
+    from ckpt_compile.eager._common import _Switches, noop_context_fn
 
     if _Switches.debug if _Switches.debug is not None else debug:
         if context_fn is not noop_context_fn:
             raise ValueError("debug=True is incompatible with non-default context_fn")
-        from ckpt_compile._debug import _DebugTraces
+        from ckpt_compile.eager._debug import _DebugTraces
 
         traces = _DebugTraces()
         return (*traces.contexts(), traces.raise_with_traces)
@@ -230,7 +230,7 @@ def _metadata_fn(determinism_check: str):
 
 def _new_frame(run: Callable, metadata_fn, early_stop: bool, on_error) -> _Frame:
     """A region's frame; ``set_checkpoint_early_stop`` overrides ``early_stop``."""
-    from ckpt_compile._common import _Switches
+    from ckpt_compile.eager._common import _Switches
 
     return _Frame(run, metadata_fn, _Switches.early_stop if _Switches.early_stop is not None else early_stop, on_error)
 

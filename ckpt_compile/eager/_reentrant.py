@@ -12,8 +12,8 @@ import warnings
 
 import torch
 
-from ckpt_compile._common import _run_fn_with_dynamo_disabled
-from ckpt_compile._device_state import _ReplayState
+from ckpt_compile.eager._common import _run_fn_with_dynamo_disabled
+from ckpt_compile.eager._device_state import _ReplayState
 
 
 class _ReentrantCheckpoint(torch.autograd.Function):

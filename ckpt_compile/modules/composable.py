@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckpt_compile._common import noop_context_fn
-from ckpt_compile._device_state import _ReplayState
-from ckpt_compile._non_reentrant import _Frame, _install_hooks, _metadata_fn, _new_frame, _region_contexts
+from ckpt_compile.eager._common import noop_context_fn
+from ckpt_compile.eager._device_state import _ReplayState
+from ckpt_compile.eager._non_reentrant import _Frame, _install_hooks, _metadata_fn, _new_frame, _region_contexts
 
 __all__ = ["checkpoint"]
 

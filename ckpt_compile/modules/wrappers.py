@@ -52,9 +52,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckpt_compile import _checkpoint as _engine
-from ckpt_compile import _wrap_policy
-from ckpt_compile._wrap_offload import offload_saved_tensors
+from ckpt_compile.eager import _checkpoint as _engine
+from ckpt_compile.modules import _auto_wrap
+from ckpt_compile.modules._offload import offload_saved_tensors
 
 __all__ = [
     "CheckpointImpl",
@@ -336,14 +336,14 @@ def apply_activation_checkpointing(
                 f"apply_activation_checkpointing: check_fn must be a callable "
                 f"module -> bool, got {_short_repr(check_fn)}."
             )
-        auto_wrap_policy = _wrap_policy.check_fn_policy(check_fn)
+        auto_wrap_policy = _auto_wrap.check_fn_policy(check_fn)
     if not callable(checkpoint_wrapper_fn):
         raise TypeError(
             f"apply_activation_checkpointing: checkpoint_wrapper_fn must be a callable "
             f"module -> wrapped module (e.g. checkpoint_wrapper or offload_wrapper), got "
             f"{_short_repr(checkpoint_wrapper_fn)}."
         )
-    _wrap_policy.wrap_submodules(model, auto_wrap_policy, checkpoint_wrapper_fn)
+    _auto_wrap.wrap_submodules(model, auto_wrap_policy, checkpoint_wrapper_fn)
 
 
 # --- private helpers ----------------------------------------------------------------------
