@@ -1,17 +1,6 @@
 """``ckpt_compile.explain``: what ``backend="ckpt"`` saves and recomputes, before training.
 
->>> import torch, ckpt_compile as cc
->>> class Block(torch.nn.Module):
-...     def __init__(self):
-...         super().__init__()
-...         self.lin = torch.nn.Linear(512, 512)
-...     def forward(self, x):
-...         return cc.checkpoint(lambda t: self.lin(t).relu().sin(), x, use_reentrant=False)
->>> report = cc.explain(Block(), torch.randn(512, 512), inner="eager")
->>> report.saved_bytes, report.baseline["saved_bytes"]   # without checkpointing: relu's 1 MiB
-(0, 1048576)
->>> report.summary()
-'saved 1.00 MiB -> 0 B (-100%), +100% forward FLOPs recomputed'
+Example: see :func:`explain`.
 """
 from __future__ import annotations
 
@@ -33,7 +22,7 @@ log = logging.getLogger("ckpt_compile")
 
 def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Report:
     """Compile ``model_or_fn`` with ``backend="ckpt"``, run one forward on ``example_inputs``,
-    and return the :class:`~ckpt_compile.diagnostics._report.Report` of what was saved and recomputed.
+    and return the :class:`~ckpt_compile.Report` of what was saved and recomputed.
 
     ``options`` are the backend's (``memory_budget``, ``inner``, ``report``: a path also
     receives the JSON); ``dynamic=`` and ``fullgraph=`` go to ``torch.compile``. The
@@ -44,7 +33,20 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
     random numbers, batch-norm statistics update, as in one training step).
 
     ``str(report)`` is a table; ``report.to_dict()`` is JSON; see also
-    ``ckpt_compile.diagnostics._picture.write_picture(report, "cut.html")``.
+    ``cc.write_picture(report, "cut.html")``.
+
+    >>> import torch, ckpt_compile as cc
+    >>> class Block(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.lin = torch.nn.Linear(512, 512)
+    ...     def forward(self, x):
+    ...         return cc.checkpoint(lambda t: self.lin(t).relu().sin(), x, use_reentrant=False)
+    >>> report = cc.explain(Block(), torch.randn(512, 512), inner="eager")
+    >>> report.saved_bytes, report.baseline["saved_bytes"]   # without checkpointing: relu's 1 MiB
+    (0, 1048576)
+    >>> report.summary()
+    'saved 1.00 MiB -> 0 B (-100%), +100% forward FLOPs recomputed'
     """
     if not callable(model_or_fn):
         raise TypeError(

@@ -44,6 +44,14 @@ def autograd_nodes(output: torch.Tensor) -> int:
 
     A checkpointed region shows up as its few boundary nodes here: the nodes inside it are
     only built again during the backward.
+
+    >>> import torch, ckpt_compile as cc
+    >>> lin = torch.nn.Linear(4, 4)
+    >>> x = torch.randn(2, 4)
+    >>> cc.autograd_nodes(lin(x).relu().sin())  # sin, relu, addmm, t, 2 AccumulateGrad
+    6
+    >>> cc.autograd_nodes(cc.checkpoint(lambda t: lin(t).relu().sin(), x, use_reentrant=False))
+    6
     """
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"autograd_nodes(output): expected a torch.Tensor, got {type(output).__name__}")
@@ -65,6 +73,14 @@ def saved_tensor_bytes(forward: Callable[[], Any]) -> int:
     count too (they are what a region saves at its boundary). Selective checkpointing's
     cache (``ckpt_compile.create_selective_checkpoint_contexts``) is added: it holds
     activations that autograd never sees.
+
+    >>> import torch, ckpt_compile as cc
+    >>> lin = torch.nn.Linear(512, 512)
+    >>> x = torch.randn(512, 512)          # 1 MiB of float32
+    >>> cc.saved_tensor_bytes(lambda: lin(x).relu().sin()) // 2**20   # x (weight grad), relu's output
+    2
+    >>> cc.saved_tensor_bytes(lambda: cc.checkpoint(lambda t: lin(t).relu().sin(), x, use_reentrant=False)) // 2**20
+    1
     """
     from ckpt_compile.eager import _selective
 

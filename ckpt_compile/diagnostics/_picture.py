@@ -205,8 +205,18 @@ def render_html(report, *, max_nodes: int = 400) -> str:
 
 
 def write_picture(report, path: str | os.PathLike, *, max_nodes: int = 400) -> pathlib.Path:
-    """Write the picture to ``path``: ``.svg`` or ``.html`` (SVG inside, with the table);
-    ``.png`` needs the optional ``cairosvg`` package (an ImportError says how to get it)."""
+    """Write the picture of ``report`` (a :class:`~ckpt_compile.Report`) to ``path``: ``.svg``
+    or ``.html`` (SVG inside, with the table); ``.png`` needs the optional ``cairosvg``
+    package (an ImportError says how to get it). Returns the path.
+
+    >>> import pathlib, tempfile, torch, ckpt_compile as cc
+    >>> lin = torch.nn.Linear(64, 64)
+    >>> report = cc.explain(lambda t: cc.checkpoint(lambda u: lin(u).relu(), t, use_reentrant=False),
+    ...                     torch.randn(8, 64), inner="eager")
+    >>> path = cc.write_picture(report, pathlib.Path(tempfile.mkdtemp()) / "cut.html")
+    >>> path.read_text().startswith("<!DOCTYPE html>")
+    True
+    """
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     if suffix == ".svg":

@@ -166,7 +166,20 @@ def _is_library(path: str) -> bool:
 class Report:
     """What ``backend="ckpt"`` did to a model: one dict per compiled graph (see
     :func:`graph_report`), summed. Totals read as attributes (``report.saved_bytes``);
-    ``report.baseline`` holds the same figures for the model without checkpointing."""
+    ``report.baseline`` holds the same figures for the model without checkpointing.
+
+    ``cc.explain()`` returns one; ``Report.read(path)`` / ``Report.from_dict`` load the JSON
+    that ``options={"report": path}`` or ``report.write(path)`` wrote.
+
+    >>> import torch, ckpt_compile as cc
+    >>> lin = torch.nn.Linear(512, 512)
+    >>> region = lambda t: cc.checkpoint(lambda u: lin(u).relu().sin(), t, use_reentrant=False)
+    >>> report = cc.explain(region, torch.randn(512, 512), inner="eager")
+    >>> report.saved_bytes, report.baseline["saved_bytes"]   # relu's 1 MiB only without the region
+    (0, 1048576)
+    >>> cc.Report.from_dict(report.to_dict()) == report
+    True
+    """
 
     graphs: tuple[dict[str, Any], ...]
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
