@@ -233,11 +233,26 @@ def test_applying_twice_is_an_error():
         torch_checkpoint(torch_checkpoint(nn.Linear(2, 2)))
 
 
-def test_use_reentrant_true_is_not_implemented_like_pytorch():
-    with pytest.raises(NotImplementedError, match="use_reentrant=True is not supported"):
-        checkpoint(nn.Linear(2, 2), use_reentrant=True)
-    with pytest.raises(NotImplementedError, match="use_reentrant=True is not supported"):
-        torch_checkpoint(nn.Linear(2, 2), use_reentrant=True)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"use_reentrant": True},
+        {"use_reentrant": "yes"},  # truthy, as PyTorch reads it
+        {"use_reentrant": True, "preserve": 1},  # use_reentrant is looked at first
+        {"preserve": True},
+        {"preserve": True, "context": None, "debug": True},  # PyTorch's order and commas
+    ],
+    ids=["reentrant", "reentrant-truthy", "reentrant-first", "unknown", "unknown-several"],
+)
+def test_bad_keywords_raise_pytorchs_type_and_text_when_applied(kwargs):
+    with pytest.raises(Exception) as theirs:
+        torch_checkpoint(nn.Linear(2, 2), **kwargs)
+    with pytest.raises(Exception) as ours:
+        checkpoint(nn.Linear(2, 2), **kwargs)
+    assert type(ours.value) is type(theirs.value)
+    assert type(theirs.value) in (NotImplementedError, ValueError)
+    # PyTorch's words first; then what ckpt_compile accepts.
+    assert str(ours.value).startswith(str(theirs.value))
     checkpoint(nn.Linear(2, 2), use_reentrant=False)  # explicit False is fine
 
 
@@ -245,7 +260,7 @@ def test_use_reentrant_true_is_not_implemented_like_pytorch():
     "call, error, message",
     [
         (lambda: checkpoint(lambda x: x), TypeError, "expected an nn.Module, got function"),
-        (lambda: checkpoint(nn.ReLU(), preserve=True), ValueError, "unexpected keyword arguments preserve; accepted: use_reentrant"),
+        (lambda: checkpoint(nn.ReLU(), preserve=True), ValueError, "preserve (ckpt_compile.composable.checkpoint accepts use_reentrant"),
         (lambda: checkpoint(nn.ReLU(), determinism_check="all"), ValueError, "determinism_check should be one of"),
         (lambda: checkpoint(nn.ReLU(), context_fn=3), TypeError, "context_fn must be a callable"),
         (lambda: checkpoint.state(nn.ReLU()), ValueError, "checkpoint(module) was not applied to this ReLU"),

@@ -13,8 +13,9 @@ Differences from PyTorch 2.13, on purpose:
   so a forward that raises leaves no saved-tensor hooks behind: the next forward and
   backward work normally;
 * bad input is reported when ``checkpoint(module, ...)`` is called, not at the first
-  forward: a non-module is a ``TypeError``, an unknown keyword or ``determinism_check`` a
-  ``ValueError`` naming the accepted ones.
+  forward: a non-module is a ``TypeError``, a bad ``determinism_check`` a ``ValueError``.
+  ``use_reentrant=True`` (``NotImplementedError``) and unknown keywords (``ValueError``)
+  are refused at that point too, as PyTorch does, in PyTorch's words plus the accepted ones.
 
 Not for ``torch.compile``: Dynamo compiles the module's forward but the region's hooks run
 eagerly, so the recomputation does not match what the compiled forward saved (PyTorch's
@@ -138,12 +139,14 @@ checkpoint.state = _state  # type: ignore[attr-defined]  # PyTorch's spelling: c
 
 def _parse_options(kwargs: dict[str, Any]) -> _CheckpointState:
     options = dict(kwargs)
+    # Errors begin with PyTorch's own words (torch.distributed._composable.checkpoint,
+    # raised when it is applied, as here), so code matching them keeps working.
     if options.pop("use_reentrant", False):
         raise NotImplementedError(
-            "use_reentrant=True is not supported by ckpt_compile.composable.checkpoint: the "
-            "reentrant engine runs the whole forward inside one autograd Function and cannot "
-            "be split into forward hooks. Use use_reentrant=False (the default), or wrap the "
-            "module with ckpt_compile.checkpoint_wrapper(module, CheckpointImpl.REENTRANT)."
+            "use_reentrant=True is not supported in composable checkpoint. Please use "
+            "torch.utils.checkpoint.checkpoint instead. (ckpt_compile: the reentrant engine "
+            "cannot be split into forward hooks; use use_reentrant=False, the default, or "
+            "ckpt_compile.checkpoint_wrapper(module, CheckpointImpl.REENTRANT).)"
         )
     state = _CheckpointState(
         enable_hook=True,
@@ -155,8 +158,8 @@ def _parse_options(kwargs: dict[str, Any]) -> _CheckpointState:
     )
     if options:
         raise ValueError(
-            f"ckpt_compile.composable.checkpoint: unexpected keyword arguments "
-            f"{', '.join(sorted(options))}; accepted: {', '.join(_ACCEPTED)}."
+            "Unexpected keyword arguments: " + ",".join(options)
+            + f" (ckpt_compile.composable.checkpoint accepts {', '.join(_ACCEPTED)})"
         )
     _metadata_fn(state.determinism_check)  # validated now, not at the first forward
     if state.context_fn is not None and not callable(state.context_fn):
