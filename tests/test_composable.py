@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 
 import pytest
 import torch
@@ -126,6 +127,36 @@ def test_forward_that_raises_leaves_no_hooks_behind_and_next_step_works():
     ours.inner.calls = 0
     assert_equal_runs(run(ours), run(plain))
     assert ours.inner.calls == 2
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["one-region", "nested-regions"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit, RuntimeError])
+def test_interrupted_forward_is_cleaned_up_by_the_next_one(error, nested):
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    plain, ours = make_net(), make_net()
+    checkpoint(ours.inner)
+    if nested:
+        checkpoint(ours.inner.b)  # a region inside the region, interrupted too
+
+    def interrupt(module, args):
+        raise error("stop")
+
+    handle = ours.inner.b.register_forward_pre_hook(interrupt)
+    x, y, bias = (torch.randn(4, 8, requires_grad=True) for _ in range(3))
+    stale = StorageWeakRef(x.untyped_storage())
+    with pytest.raises(error):
+        ours(x, y, bias)
+    handle.remove()
+    del x, y, bias
+    # The next forward starts clean: same gradients as a model that was never interrupted,
+    # no saved-tensor hooks left behind, and the interrupted region's input is released.
+    assert_equal_runs(run(ours), run(plain))
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert checkpoint.state(ours.inner).open_regions == []
+    gc.collect()
+    assert stale.expired()
+    assert_equal_runs(run(ours), run(plain))  # and keeps working
 
 
 def test_debug_true_works_where_pytorch_rejects_it():

@@ -11,7 +11,8 @@ Differences from PyTorch 2.13, on purpose:
 * ``debug=True`` works (PyTorch's composable API rejects it at the first forward);
 * the forward hook is registered with ``always_call=True`` and always closes the region,
   so a forward that raises leaves no saved-tensor hooks behind: the next forward and
-  backward work normally;
+  backward work normally; after a ``KeyboardInterrupt`` or other ``BaseException`` (for
+  which nn.Module runs no forward hook) the next checkpointed forward closes the region;
 * bad input is reported when ``checkpoint(module, ...)`` is called, not at the first
   forward: a non-module is a ``TypeError``, a bad ``determinism_check`` a ``ValueError``.
   ``use_reentrant=True`` (``NotImplementedError``) and unknown keywords (``ValueError``)
@@ -36,6 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
+import threading
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -78,11 +82,57 @@ class _CheckpointState:
     recomputing: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity
 class _Region:
     frame: _Frame
     replay: _ReplayState
     contexts: contextlib.ExitStack
+    state: _CheckpointState
+    caller: types.FrameType | None  # nn.Module's frame that runs this forward (and its hooks)
+
+
+# Regions open on each thread, every module together, in the order they were opened: their
+# saved-tensor hooks sit on autograd's per-thread stack in the same order.
+_OPEN = threading.local()
+
+
+def _open_regions() -> list[_Region]:
+    regions = getattr(_OPEN, "regions", None)
+    if regions is None:
+        regions = _OPEN.regions = []
+    return regions
+
+
+def _close_stale_regions() -> None:
+    """Close the regions whose forward ended without our forward hook (issue 10, fault 6a).
+
+    nn.Module runs ``always_call`` forward hooks for an ``Exception`` only: after a
+    ``KeyboardInterrupt`` (any ``BaseException``) the region's saved-tensor hooks stay
+    pushed, every later backward would trip over them and they keep tensors alive. A
+    region is stale when the frame that ran its forward is no longer on the stack.
+    """
+    regions = _open_regions()
+    if not regions:
+        return
+    on_stack = set()
+    frame = sys._getframe(1)
+    while frame is not None:
+        on_stack.add(id(frame))
+        frame = frame.f_back
+    while regions and id(regions[-1].caller) not in on_stack:
+        region = regions[-1]
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if top is None or getattr(top[0], "__self__", None) is not region.frame:
+            raise RuntimeError(
+                "ckpt_compile.composable.checkpoint: a forward of a checkpointed module was "
+                "interrupted (e.g. by KeyboardInterrupt) and its region cannot be closed: other "
+                "saved-tensor hooks were pushed after it and are still active. Leave those "
+                "`saved_tensors_hooks` blocks before calling the module again."
+            )
+        regions.pop()
+        region.state.open_regions.remove(region)
+        region.caller = None
+        region.contexts.close()  # its forward context, then its saved-tensor hooks
 
 
 def checkpoint(module: nn.Module, **kwargs: Any) -> nn.Module:
@@ -181,6 +231,7 @@ def _recomputing(state: _CheckpointState, inner: Any) -> Iterator[None]:
 
 
 def _open_region(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    _close_stale_regions()  # the next forward starts clean after an interrupted one
     state = module.__dict__[_STATE_KEY]
     if not state.enable_hook or state.recomputing or not torch.is_grad_enabled():
         return  # like ckpt_compile.checkpoint: nothing is saved, so nothing to checkpoint
@@ -200,7 +251,9 @@ def _open_region(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     except BaseException:
         contexts.close()
         raise
-    state.open_regions.append(_Region(frame, replay, contexts))
+    region = _Region(frame, replay, contexts, state, sys._getframe(1))
+    state.open_regions.append(region)
+    _open_regions().append(region)
 
 
 def _close_region(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -208,6 +261,10 @@ def _close_region(module: nn.Module, args: tuple[Any, ...], output: Any) -> None
     if state.recomputing or not state.open_regions:
         return  # this call opened no region
     region = state.open_regions.pop()
+    regions = _open_regions()
+    if region in regions:
+        regions.remove(region)
+    region.caller = None
     region.contexts.close()
     # Also reached when the forward raised (always_call): the region is then simply
     # dropped, its saved-tensor hooks already popped by close() above.
