@@ -224,3 +224,26 @@ def test_type_keyed_apply_reaches_the_wrapped_layers_like_pytorch():
     torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_subclasses_metaclasses_and_keyword_construction_keep_the_class():
+    class Meta(type(nn.Module)):
+        pass
+
+    class WithMeta(Layer, metaclass=Meta):
+        pass
+
+    class MyWrapper(CheckpointWrapper):
+        pass
+
+    for wrapper in (
+        checkpoint_wrapper(WithMeta()),  # a layer with its own metaclass
+        MyWrapper(Layer()),  # a user's wrapper class
+        CheckpointWrapper(mod=Layer()),  # PyTorch's keyword
+        OffloadWrapper(Layer()),
+    ):
+        assert isinstance(wrapper, Layer) and isinstance(wrapper, (CheckpointWrapper, OffloadWrapper))
+        x = torch.randn(2, 8, requires_grad=True)
+        wrapper(x).sum().backward()
+        assert wrapper._checkpoint_wrapped_module.forwards == (1 if isinstance(wrapper, OffloadWrapper) else 2)
+    assert isinstance(MyWrapper(Layer()), MyWrapper)

@@ -54,8 +54,12 @@ def specialised(base: type, wrapped: type) -> type:
             _BASE: base,
             _WRAPPED_CLASS: wrapped,
         }
+        meta = type(base)
+        if not issubclass(meta, type(wrapped)) and not issubclass(type(wrapped), meta):
+            # The layer has its own metaclass: derive one from both (ABCMeta and it).
+            meta = type(f"{meta.__name__}{type(wrapped).__name__}", (meta, type(wrapped)), {})
         try:
-            cls = type(base)(name, (base, wrapped), namespace)
+            cls = meta(name, (base, wrapped), namespace)
         except TypeError as error:  # a metaclass or instance-layout conflict
             warnings.warn(
                 f"{base.__name__}: cannot make a class that is both {base.__name__} and "

@@ -118,6 +118,8 @@ class ActivationWrapper(nn.Module, abc.ABC):
     """
 
     def __new__(cls, module: Any = None, *args: Any, **kwargs: Any):
+        if module is None:  # passed by keyword: CheckpointWrapper(mod=...) as in PyTorch
+            module = kwargs.get("mod", kwargs.get("module"))
         if isinstance(module, nn.Module) and not isinstance(module, cls) and _stand_in.wrapper_base(cls) is cls:
             cls = _stand_in.specialised(cls, type(module))
         return object.__new__(cls)  # __init__ reports a module that is not an nn.Module
