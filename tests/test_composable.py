@@ -159,6 +159,29 @@ def test_interrupted_forward_is_cleaned_up_by_the_next_one(error, nested):
     assert_equal_runs(run(ours), run(plain))  # and keeps working
 
 
+def test_interrupted_region_under_later_hooks_is_an_error_then_cleaned_up():
+    plain, ours = make_net(), make_net()
+    checkpoint(ours.inner)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = ours.inner.b.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ours(*(torch.randn(4, 8, requires_grad=True) for _ in range(3)))
+    handle.remove()
+    # The stale hooks cannot be popped from under the user's: say so instead of popping theirs.
+    def pack(t):
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with pytest.raises(RuntimeError, match="was interrupted .* other saved-tensor hooks were pushed after it"):
+            run(ours)
+        assert torch._C._autograd._top_saved_tensors_default_hooks(False)[0] is pack  # left alone
+    assert_equal_runs(run(ours), run(plain))
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
 def test_debug_true_works_where_pytorch_rejects_it():
     plain, ours, theirs = make_net(), make_net(), make_net()
     checkpoint(ours.inner, debug=True)

@@ -112,15 +112,13 @@ def _close_stale_regions() -> None:
     region is stale when the frame that ran its forward is no longer on the stack.
     """
     regions = _open_regions()
-    if not regions:
-        return
-    on_stack = set()
-    frame = sys._getframe(1)
-    while frame is not None:
-        on_stack.add(id(frame))
-        frame = frame.f_back
-    while regions and id(regions[-1].caller) not in on_stack:
+    while regions:
         region = regions[-1]
+        frame = sys._getframe(1)
+        while frame is not None and frame is not region.caller:
+            frame = frame.f_back  # a nested call finds its parent's frame a few levels up
+        if frame is not None:
+            return  # still running: this call is nested in it, and so are those below
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if top is None or getattr(top[0], "__self__", None) is not region.frame:
             raise RuntimeError(
@@ -133,6 +131,23 @@ def _close_stale_regions() -> None:
         region.state.open_regions.remove(region)
         region.caller = None
         region.contexts.close()  # its forward context, then its saved-tensor hooks
+
+
+def _opened_by_this_call(region: _Region) -> bool:
+    """Whether the module call running our forward hook is the one that opened ``region``.
+
+    nn.Module calls the forward hook from the frame that called the pre-hook; after an
+    exception, from the frame that caught it, whose traceback leads to that frame. Any
+    other region (one left open by an interrupted call) is not ours to close here.
+    """
+    if sys._getframe(2) is region.caller:
+        return True
+    tb = sys.exc_info()[2]
+    while tb is not None:
+        if tb.tb_frame is region.caller:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def checkpoint(module: nn.Module, **kwargs: Any) -> nn.Module:
@@ -258,8 +273,8 @@ def _open_region(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
 def _close_region(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
     state = module.__dict__[_STATE_KEY]
-    if state.recomputing or not state.open_regions:
-        return  # this call opened no region
+    if state.recomputing or not state.open_regions or not _opened_by_this_call(state.open_regions[-1]):
+        return  # this call opened no region (e.g. its pre-hook raised before it could)
     region = state.open_regions.pop()
     regions = _open_regions()
     if region in regions:
