@@ -8,10 +8,10 @@ walks ``modules()`` by class (FSDP's ``ModuleWrapPolicy``, LoRA or quantization 
 ``fully_shard`` (``FSDPBlock``). The wrapper classes come first in the method order:
 ``forward``, ``state_dict`` and the other behaviour they define win over the layer's.
 
-Also here: reading state dicts that carry PyTorch's ``_checkpoint_wrapped_module.`` prefix.
-
 Such classes cannot be pickled by reference (they live in no module), so a wrapper pickles
 as a *recipe*: the wrapper base class and the wrapped class, rebuilt through the cache.
+Also here: which attribute assignments on a wrapper belong to the wrapped module, and
+reading state dicts that carry PyTorch's ``_checkpoint_wrapped_module.`` prefix.
 
 >>> from torch import nn
 >>> class Wrapper(nn.Module):
