@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 
 import pytest
 import torch
@@ -128,6 +129,59 @@ def test_forward_that_raises_leaves_no_hooks_behind_and_next_step_works():
     assert ours.inner.calls == 2
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["one-region", "nested-regions"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit, RuntimeError])
+def test_interrupted_forward_is_cleaned_up_by_the_next_one(error, nested):
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    plain, ours = make_net(), make_net()
+    checkpoint(ours.inner)
+    if nested:
+        checkpoint(ours.inner.b)  # a region inside the region, interrupted too
+
+    def interrupt(module, args):
+        raise error("stop")
+
+    handle = ours.inner.b.register_forward_pre_hook(interrupt)
+    x, y, bias = (torch.randn(4, 8, requires_grad=True) for _ in range(3))
+    stale = StorageWeakRef(x.untyped_storage())
+    with pytest.raises(error):
+        ours(x, y, bias)
+    handle.remove()
+    del x, y, bias
+    # The next forward starts clean: same gradients as a model that was never interrupted,
+    # no saved-tensor hooks left behind, and the interrupted region's input is released.
+    assert_equal_runs(run(ours), run(plain))
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert checkpoint.state(ours.inner).open_regions == []
+    gc.collect()
+    assert stale.expired()
+    assert_equal_runs(run(ours), run(plain))  # and keeps working
+
+
+def test_interrupted_region_under_later_hooks_is_an_error_then_cleaned_up():
+    plain, ours = make_net(), make_net()
+    checkpoint(ours.inner)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = ours.inner.b.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ours(*(torch.randn(4, 8, requires_grad=True) for _ in range(3)))
+    handle.remove()
+    # The stale hooks cannot be popped from under the user's: say so instead of popping theirs.
+    def pack(t):
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with pytest.raises(RuntimeError, match="was interrupted .* other saved-tensor hooks were pushed after it"):
+            run(ours)
+        assert torch._C._autograd._top_saved_tensors_default_hooks(False)[0] is pack  # left alone
+    assert_equal_runs(run(ours), run(plain))
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
 def test_debug_true_works_where_pytorch_rejects_it():
     plain, ours, theirs = make_net(), make_net(), make_net()
     checkpoint(ours.inner, debug=True)
@@ -233,11 +287,26 @@ def test_applying_twice_is_an_error():
         torch_checkpoint(torch_checkpoint(nn.Linear(2, 2)))
 
 
-def test_use_reentrant_true_is_not_implemented_like_pytorch():
-    with pytest.raises(NotImplementedError, match="use_reentrant=True is not supported"):
-        checkpoint(nn.Linear(2, 2), use_reentrant=True)
-    with pytest.raises(NotImplementedError, match="use_reentrant=True is not supported"):
-        torch_checkpoint(nn.Linear(2, 2), use_reentrant=True)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"use_reentrant": True},
+        {"use_reentrant": "yes"},  # truthy, as PyTorch reads it
+        {"use_reentrant": True, "preserve": 1},  # use_reentrant is looked at first
+        {"preserve": True},
+        {"preserve": True, "context": None, "debug": True},  # PyTorch's order and commas
+    ],
+    ids=["reentrant", "reentrant-truthy", "reentrant-first", "unknown", "unknown-several"],
+)
+def test_bad_keywords_raise_pytorchs_type_and_text_when_applied(kwargs):
+    with pytest.raises(Exception) as theirs:
+        torch_checkpoint(nn.Linear(2, 2), **kwargs)
+    with pytest.raises(Exception) as ours:
+        checkpoint(nn.Linear(2, 2), **kwargs)
+    assert type(ours.value) is type(theirs.value)
+    assert type(theirs.value) in (NotImplementedError, ValueError)
+    # PyTorch's words first; then what ckpt_compile accepts.
+    assert str(ours.value).startswith(str(theirs.value))
     checkpoint(nn.Linear(2, 2), use_reentrant=False)  # explicit False is fine
 
 
@@ -245,7 +314,7 @@ def test_use_reentrant_true_is_not_implemented_like_pytorch():
     "call, error, message",
     [
         (lambda: checkpoint(lambda x: x), TypeError, "expected an nn.Module, got function"),
-        (lambda: checkpoint(nn.ReLU(), preserve=True), ValueError, "unexpected keyword arguments preserve; accepted: use_reentrant"),
+        (lambda: checkpoint(nn.ReLU(), preserve=True), ValueError, "preserve (ckpt_compile.composable.checkpoint accepts use_reentrant"),
         (lambda: checkpoint(nn.ReLU(), determinism_check="all"), ValueError, "determinism_check should be one of"),
         (lambda: checkpoint(nn.ReLU(), context_fn=3), TypeError, "context_fn must be a callable"),
         (lambda: checkpoint.state(nn.ReLU()), ValueError, "checkpoint(module) was not applied to this ReLU"),

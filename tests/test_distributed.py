@@ -261,7 +261,7 @@ def _assert_grads_match(results, reference):
 def test_ddp_apply_activation_checkpointing_matches_single_process(world, reference, how):
     results = world.results(f"ddp-{how}")
     _assert_grads_match(results, reference)
-    wrapper_type = {"offload_wrapper": "OffloadWrapper", "composable": "Block"}.get(how, "CheckpointWrapper")
+    wrapper_type = {"offload_wrapper": "OffloadWrapperBlock", "composable": "Block"}.get(how, "CheckpointWrapperBlock")
     for result in results:
         assert result["block_types"] == [wrapper_type, wrapper_type]
         # checkpointed: forward + recomputation; offloaded: saved, not recomputed

@@ -8,8 +8,8 @@ enum object, so policies written for ``torch.utils.checkpoint`` work unchanged.
 
 Unlike PyTorch 2.13, which treats ``MUST_CPU_OFFLOAD`` / ``PREFER_CPU_OFFLOAD`` as
 recompute in eager mode, we really offload: the output is copied to CPU (pinned memory when
-it lives on CUDA) in the forward and copied back to its device when the recomputation
-needs it, so the operator is not rerun.
+it lives on CUDA) in the forward and copied back to its device whenever a recomputation
+needs it (each backward, including a second or a double one), so the operator is not rerun.
 """
 from __future__ import annotations
 
@@ -75,10 +75,11 @@ def _detach_keeping_version(x: Any) -> Any:
 class _Cached:
     """One cached operator output: kept as is, or offloaded to CPU."""
 
-    __slots__ = ("value", "version", "device")
+    __slots__ = ("value", "version", "device", "offload")
 
     def __init__(self, value: torch.Tensor, offload: bool) -> None:
         self.device = None
+        self.offload = offload
         if offload and value.device.type != "cpu":
             self.device = value.device
             host = torch.empty_strided(
@@ -239,8 +240,18 @@ class _ReplayMode(TorchDispatchMode):
             )
         if entry is _RECOMPUTE:
             return func(*args, **kwargs)
-        entries[index] = _CONSUMED  # free the cache entry as soon as it is handed back
-        return tree_map(lambda c: c.get(func, self.allow_mutation) if isinstance(c, _Cached) else c, entry)
+        out = tree_map(lambda c: c.get(func, self.allow_mutation) if isinstance(c, _Cached) else c, entry)
+        if not _is_offloaded(entry):
+            entries[index] = _CONSUMED  # free a saved output as soon as it is handed back
+        # An offloaded output stays in host memory until the region is freed, and each
+        # recomputation gets its own device copy: a second backward (retain_graph=True) or
+        # a double backward recomputes the region again, which PyTorch allows for these
+        # policies (it recomputes them), so it must work here too (issue 10, fault 6b).
+        return out
+
+
+def _is_offloaded(entry: Any) -> bool:
+    return any(isinstance(c, _Cached) and c.offload for c in torch.utils._pytree.tree_leaves(entry))
 
 
 def create_selective_checkpoint_contexts(policy_fn_or_list, allow_cache_entry_mutation: bool = False):
@@ -254,7 +265,8 @@ def create_selective_checkpoint_contexts(policy_fn_or_list, allow_cache_entry_mu
             before the backward is an error; ``True`` accepts it.
 
     ``MUST_CPU_OFFLOAD`` / ``PREFER_CPU_OFFLOAD`` really offload the output to CPU and bring
-    it back (PyTorch 2.13 recomputes such operators instead).
+    it back (PyTorch 2.13 recomputes such operators instead); the host copy lives until the
+    region is freed, so a second or a double backward works as with PyTorch.
 
     >>> import functools, torch, ckpt_compile as cc
     >>> ctx = functools.partial(cc.create_selective_checkpoint_contexts, [torch.ops.aten.mm.default])

@@ -11,10 +11,12 @@ Differences from PyTorch 2.13, on purpose:
 * ``debug=True`` works (PyTorch's composable API rejects it at the first forward);
 * the forward hook is registered with ``always_call=True`` and always closes the region,
   so a forward that raises leaves no saved-tensor hooks behind: the next forward and
-  backward work normally;
+  backward work normally; after a ``KeyboardInterrupt`` or other ``BaseException`` (for
+  which nn.Module runs no forward hook) the next checkpointed forward closes the region;
 * bad input is reported when ``checkpoint(module, ...)`` is called, not at the first
-  forward: a non-module is a ``TypeError``, an unknown keyword or ``determinism_check`` a
-  ``ValueError`` naming the accepted ones.
+  forward: a non-module is a ``TypeError``, a bad ``determinism_check`` a ``ValueError``.
+  ``use_reentrant=True`` (``NotImplementedError``) and unknown keywords (``ValueError``)
+  are refused at that point too, as PyTorch does, in PyTorch's words plus the accepted ones.
 
 Not for ``torch.compile``: Dynamo compiles the module's forward but the region's hooks run
 eagerly, so the recomputation does not match what the compiled forward saved (PyTorch's
@@ -35,6 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
+import threading
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -77,11 +82,72 @@ class _CheckpointState:
     recomputing: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity
 class _Region:
     frame: _Frame
     replay: _ReplayState
     contexts: contextlib.ExitStack
+    state: _CheckpointState
+    caller: types.FrameType | None  # nn.Module's frame that runs this forward (and its hooks)
+
+
+# Regions open on each thread, every module together, in the order they were opened: their
+# saved-tensor hooks sit on autograd's per-thread stack in the same order.
+_OPEN = threading.local()
+
+
+def _open_regions() -> list[_Region]:
+    regions = getattr(_OPEN, "regions", None)
+    if regions is None:
+        regions = _OPEN.regions = []
+    return regions
+
+
+def _close_stale_regions() -> None:
+    """Close the regions whose forward ended without our forward hook (issue 10, fault 6a).
+
+    nn.Module runs ``always_call`` forward hooks for an ``Exception`` only: after a
+    ``KeyboardInterrupt`` (any ``BaseException``) the region's saved-tensor hooks stay
+    pushed, every later backward would trip over them and they keep tensors alive. A
+    region is stale when the frame that ran its forward is no longer on the stack.
+    """
+    regions = _open_regions()
+    while regions:
+        region = regions[-1]
+        frame = sys._getframe(1)
+        while frame is not None and frame is not region.caller:
+            frame = frame.f_back  # a nested call finds its parent's frame a few levels up
+        if frame is not None:
+            return  # still running: this call is nested in it, and so are those below
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if top is None or getattr(top[0], "__self__", None) is not region.frame:
+            raise RuntimeError(
+                "ckpt_compile.composable.checkpoint: a forward of a checkpointed module was "
+                "interrupted (e.g. by KeyboardInterrupt) and its region cannot be closed: other "
+                "saved-tensor hooks were pushed after it and are still active. Leave those "
+                "`saved_tensors_hooks` blocks before calling the module again."
+            )
+        regions.pop()
+        region.state.open_regions.remove(region)
+        region.caller = None
+        region.contexts.close()  # its forward context, then its saved-tensor hooks
+
+
+def _opened_by_this_call(region: _Region) -> bool:
+    """Whether the module call running our forward hook is the one that opened ``region``.
+
+    nn.Module calls the forward hook from the frame that called the pre-hook; after an
+    exception, from the frame that caught it, whose traceback leads to that frame. Any
+    other region (one left open by an interrupted call) is not ours to close here.
+    """
+    if sys._getframe(2) is region.caller:
+        return True
+    tb = sys.exc_info()[2]
+    while tb is not None:
+        if tb.tb_frame is region.caller:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def checkpoint(module: nn.Module, **kwargs: Any) -> nn.Module:
@@ -138,12 +204,14 @@ checkpoint.state = _state  # type: ignore[attr-defined]  # PyTorch's spelling: c
 
 def _parse_options(kwargs: dict[str, Any]) -> _CheckpointState:
     options = dict(kwargs)
+    # Errors begin with PyTorch's own words (torch.distributed._composable.checkpoint,
+    # raised when it is applied, as here), so code matching them keeps working.
     if options.pop("use_reentrant", False):
         raise NotImplementedError(
-            "use_reentrant=True is not supported by ckpt_compile.composable.checkpoint: the "
-            "reentrant engine runs the whole forward inside one autograd Function and cannot "
-            "be split into forward hooks. Use use_reentrant=False (the default), or wrap the "
-            "module with ckpt_compile.checkpoint_wrapper(module, CheckpointImpl.REENTRANT)."
+            "use_reentrant=True is not supported in composable checkpoint. Please use "
+            "torch.utils.checkpoint.checkpoint instead. (ckpt_compile: the reentrant engine "
+            "cannot be split into forward hooks; use use_reentrant=False, the default, or "
+            "ckpt_compile.checkpoint_wrapper(module, CheckpointImpl.REENTRANT).)"
         )
     state = _CheckpointState(
         enable_hook=True,
@@ -155,8 +223,8 @@ def _parse_options(kwargs: dict[str, Any]) -> _CheckpointState:
     )
     if options:
         raise ValueError(
-            f"ckpt_compile.composable.checkpoint: unexpected keyword arguments "
-            f"{', '.join(sorted(options))}; accepted: {', '.join(_ACCEPTED)}."
+            "Unexpected keyword arguments: " + ",".join(options)
+            + f" (ckpt_compile.composable.checkpoint accepts {', '.join(_ACCEPTED)})"
         )
     _metadata_fn(state.determinism_check)  # validated now, not at the first forward
     if state.context_fn is not None and not callable(state.context_fn):
@@ -178,6 +246,7 @@ def _recomputing(state: _CheckpointState, inner: Any) -> Iterator[None]:
 
 
 def _open_region(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    _close_stale_regions()  # the next forward starts clean after an interrupted one
     state = module.__dict__[_STATE_KEY]
     if not state.enable_hook or state.recomputing or not torch.is_grad_enabled():
         return  # like ckpt_compile.checkpoint: nothing is saved, so nothing to checkpoint
@@ -197,14 +266,20 @@ def _open_region(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     except BaseException:
         contexts.close()
         raise
-    state.open_regions.append(_Region(frame, replay, contexts))
+    region = _Region(frame, replay, contexts, state, sys._getframe(1))
+    state.open_regions.append(region)
+    _open_regions().append(region)
 
 
 def _close_region(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
     state = module.__dict__[_STATE_KEY]
-    if state.recomputing or not state.open_regions:
-        return  # this call opened no region
+    if state.recomputing or not state.open_regions or not _opened_by_this_call(state.open_regions[-1]):
+        return  # this call opened no region (e.g. its pre-hook raised before it could)
     region = state.open_regions.pop()
+    regions = _open_regions()
+    if region in regions:
+        regions.remove(region)
+    region.caller = None
     region.contexts.close()
     # Also reached when the forward raised (always_call): the region is then simply
     # dropped, its saved-tensor hooks already popped by close() above.

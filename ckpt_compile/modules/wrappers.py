@@ -12,31 +12,45 @@ PyTorch's wrapper registers the wrapped module as a child called
 show it, and optimizer state keyed by name, distributed checkpoints and ``torch.compile``
 trip over it (pytorch#108269, #117399, #124546).
 
-Here the wrapper *stands in* for the module instead of containing it:
+Here the wrapper *stands in* for the module instead of containing it: it shares the
+module's ``_parameters``, ``_buffers``, ``_non_persistent_buffers_set``, ``_modules`` and
+state-dict hook dicts (the same objects), so every name-producing API walks exactly the
+unwrapped tree; the module itself is a plain attribute, ``_checkpoint_wrapped_module``, not
+a registered child. ``state_dict()`` / ``_load_from_state_dict``, ``_apply`` and ``train()``
+are delegated to it (class-specific saving, extra state, ``nn.RNNBase`` re-pointing its
+flat weights). Nothing is copied: parameters keep their identity, so an optimizer built
+before wrapping keeps working. The module's own forward hooks run inside the region and in
+its recomputation, as in PyTorch. One module per name, as unwrapped.
 
-* it shares the wrapped module's own ``_parameters``, ``_buffers``,
-  ``_non_persistent_buffers_set`` and ``_modules`` dicts (the same dict objects), so every
-  name-producing API of ``nn.Module`` walks exactly the tree of the unwrapped module;
-* the wrapped module is kept as a plain attribute, ``_checkpoint_wrapped_module``, which is
-  not a registered child and so adds no name anywhere;
-* the behaviour that belongs to the wrapped module's class is delegated to it:
-  ``state_dict()`` / ``_load_from_state_dict`` (class-specific saving and loading, extra
-  state, its state-dict hooks, which the wrapper shares), ``_apply`` (``.to()``,
-  ``.half()``, ...), ``train()`` and ``apply()``.
+How wrapped modules stay findable by class
+------------------------------------------
+The wrapper of a ``Block`` is an instance of ``CheckpointWrapperBlock``, a class made on the
+fly (once per wrapped class, then cached) that derives from both ``CheckpointWrapper`` and
+``Block``, as FSDP2's ``fully_shard`` makes ``FSDPBlock``. So ``isinstance(m, Block)`` over
+``model.modules()`` counts the wrapped blocks as with PyTorch's wrapper (which lists the
+inner module under ``..._checkpoint_wrapped_module``), and code that finds layers by class
+(FSDP's ``ModuleWrapPolicy``, ``transformer_layer_cls_to_wrap``, LoRA or quantization
+injection, a type-keyed ``model.apply(init_fn)``) finds them under clean names, while
+``isinstance(wrapper, CheckpointWrapper)`` holds as before. Why not the alternatives:
+registering the module as a child (PyTorch) puts the prefix back into names; checkpointing
+in place (swapping the module's own class, as ``fully_shard`` does) would checkpoint the
+original object wherever else it is used, leave no unwrapped module for
+``_checkpoint_wrapped_module``, and take the module's hooks out of the region.
 
-Nothing is copied, so parameters keep their identity: an optimizer built before wrapping
-keeps working, and its name-keyed state dict matches ``named_parameters()`` afterwards.
-The one visible difference from PyTorch: ``named_modules()`` lists the wrapper under the
-module's name, and the wrapped module itself is reached through ``_checkpoint_wrapped_module``
-(as the unwrapped tree has one module per name, so does the wrapped one).
+As the wrapper is an instance of the layer's class, the layer's code may run on it: plain
+attributes that the layer has (on its instance or its class) are set on the wrapped module,
+whose ``forward`` reads them; others stay on the wrapper, as in PyTorch. ``apply(fn)``
+shows ``fn`` the wrapper, not also the hidden module. One limit: reading through the wrapper
+an instance attribute that the layer's class also defines gives the class value; read it
+from ``_checkpoint_wrapped_module``.
 
 >>> import torch
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
 >>> keys = list(model.state_dict())
 >>> apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, nn.Linear))
->>> type(model[0]).__name__, list(model.state_dict()) == keys
-('CheckpointWrapper', True)
+>>> type(model[0]).__name__, isinstance(model[0], nn.Linear), list(model.state_dict()) == keys
+('CheckpointWrapperLinear', True, True)
 >>> [name for name, _ in model.named_parameters()]
 ['0.weight', '0.bias', '2.weight', '2.bias']
 >>> model(torch.randn(3, 4)).sum().backward()
@@ -53,7 +67,7 @@ import torch
 from torch import nn
 
 from ckpt_compile.eager import _checkpoint as _engine
-from ckpt_compile.modules import _auto_wrap
+from ckpt_compile.modules import _auto_wrap, _stand_in
 from ckpt_compile.modules._offload import offload_saved_tensors
 
 __all__ = [
@@ -67,7 +81,6 @@ __all__ = [
 ]
 
 _WRAPPED = "_checkpoint_wrapped_module"
-_WRAPPED_PREFIX = _WRAPPED + "."
 
 # The dicts that make up a module's named tree and its state-dict behaviour. The wrapper
 # holds the very same dict objects as the module it wraps, so both always agree.
@@ -94,29 +107,40 @@ class ActivationWrapper(nn.Module, abc.ABC):
     """Base class of :class:`CheckpointWrapper` and :class:`OffloadWrapper`.
 
     Not instantiated directly; subclasses implement ``forward`` around
-    ``self._checkpoint_wrapped_module``. Attribute access and indexing that the wrapper
-    does not answer itself are forwarded to the wrapped module.
+    ``self._checkpoint_wrapped_module``. ``Wrapper(module)`` returns an instance of a
+    subclass of both ``Wrapper`` and ``type(module)`` (see the module docstring). Attribute
+    access and indexing that the wrapper does not answer itself are forwarded to the
+    wrapped module.
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module``.
         ValueError: ``module`` is already wrapped by the same kind of wrapper.
     """
 
+    def __new__(cls, module: Any = None, *args: Any, **kwargs: Any):
+        if module is None:  # passed by keyword: CheckpointWrapper(mod=...) as in PyTorch
+            module = kwargs.get("mod", kwargs.get("module"))
+        if isinstance(module, nn.Module) and not isinstance(module, cls) and _stand_in.wrapper_base(cls) is cls:
+            cls = _stand_in.specialised(cls, type(module))
+        return object.__new__(cls)  # __init__ reports a module that is not an nn.Module
+
     def __init__(self, module: nn.Module) -> None:
-        kind = type(self).__name__
+        base = _stand_in.wrapper_base(type(self))
+        kind = base.__name__
         if not isinstance(module, nn.Module):
             raise TypeError(
                 f"{kind} wraps an nn.Module, but got {type(module).__qualname__} "
                 f"({_short_repr(module)}). Pass the module itself, e.g. {kind}(nn.Linear(4, 4))."
             )
-        if isinstance(module, type(self)):
+        if isinstance(module, base):
             raise ValueError(
-                f"{kind}: the module is already a {type(module).__name__} around "
+                f"{kind}: the module is already a {kind} around "
                 f"{type(module._checkpoint_wrapped_module).__name__}; wrapping it again would "
                 f"apply the same treatment twice to one region. Wrap the module once, or "
                 f"unwrap it first with `._checkpoint_wrapped_module`."
             )
-        super().__init__()
+        # nn.Module's own __init__, not the wrapped class's (next in the method order).
+        nn.Module.__init__(self)
         # Plain attribute, not a registered child: it must add no name to the tree.
         object.__setattr__(self, _WRAPPED, module)
         for name in _SHARED_STATE:
@@ -138,12 +162,35 @@ class ActivationWrapper(nn.Module, abc.ABC):
                 raise
         return getattr(wrapped, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The wrapper is an instance of the layer's class, so code that sets a layer's
+        # attribute may set it here: it must reach the module whose forward reads it.
+        wrapped = self.__dict__.get(_WRAPPED)
+        if wrapped is None or not _stand_in.forwards_attribute(self, name, value, ActivationWrapper):
+            super().__setattr__(name, value)
+        else:
+            setattr(wrapped, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        wrapped = self.__dict__.get(_WRAPPED)
+        if wrapped is not None and _stand_in.forwards_attribute(self, name, None, ActivationWrapper):
+            delattr(wrapped, name)
+        else:
+            super().__delattr__(name)
+
+    def __reduce_ex__(self, protocol: int):
+        # The class is made on the fly: pickle how to make it again, then the state.
+        return (_stand_in.new_wrapper, (_stand_in.class_recipe(type(self)),), self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        nn.Module.__setstate__(self, state)  # not the wrapped class's, which expects its own
+
     def __getitem__(self, key: Any) -> Any:
         """Index the wrapped module, e.g. when it is an ``nn.Sequential``."""
         return self._checkpoint_wrapped_module[key]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._checkpoint_wrapped_module!r})"
+        return f"{_stand_in.wrapper_base(type(self)).__name__}({self._checkpoint_wrapped_module!r})"
 
     # --- behaviour of the wrapped module's class, delegated -------------------------------
 
@@ -163,7 +210,7 @@ class ActivationWrapper(nn.Module, abc.ABC):
     ) -> None:
         # State dicts written through PyTorch's own wrapper may carry the prefix (for
         # example ones assembled from named_parameters()): accept them by renaming.
-        _strip_wrapped_prefix(state_dict, prefix, error_msgs)
+        _stand_in.strip_wrapped_prefix(state_dict, prefix, error_msgs)
         self._checkpoint_wrapped_module._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -181,8 +228,11 @@ class ActivationWrapper(nn.Module, abc.ABC):
         return self
 
     def apply(self, fn: Callable[[nn.Module], None]):
-        # Like PyTorch's wrapper: fn sees the wrapped module (and its subtree), then us.
-        self._checkpoint_wrapped_module.apply(fn)
+        # fn sees the subtree (shared), then us: an instance of the wrapped class, so a
+        # type-keyed fn meets each wrapped layer once, as with PyTorch's wrapper (which
+        # shows it the inner module and a wrapper of no layer class).
+        for child in self.children():
+            child.apply(fn)
         fn(self)
         return self
 
@@ -323,7 +373,9 @@ def apply_activation_checkpointing(
     >>> model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
     >>> apply_activation_checkpointing(model, offload_wrapper, lambda m: isinstance(m, nn.Linear))
     >>> [type(m).__name__ for m in model.modules()]
-    ['Sequential', 'OffloadWrapper', 'Sequential', 'OffloadWrapper', 'Tanh']
+    ['Sequential', 'OffloadWrapperLinear', 'Sequential', 'OffloadWrapperLinear', 'Tanh']
+    >>> sum(isinstance(m, nn.Linear) for m in model.modules())
+    2
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -352,23 +404,6 @@ def apply_activation_checkpointing(
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _strip_wrapped_prefix(state_dict: dict[str, Any], prefix: str, error_msgs: list[str]) -> None:
-    """Rename ``{prefix}_checkpoint_wrapped_module.[...]name`` keys to ``{prefix}name``."""
-    marked = prefix + _WRAPPED_PREFIX
-    for key in [k for k in state_dict if k.startswith(marked)]:
-        rest = key[len(prefix) :]
-        while rest.startswith(_WRAPPED_PREFIX):  # nested PyTorch wrappers stack prefixes
-            rest = rest[len(_WRAPPED_PREFIX) :]
-        clean = prefix + rest
-        if clean in state_dict:
-            error_msgs.append(
-                f"state_dict has both {key!r} and {clean!r} for the same tensor of a wrapped "
-                f"module; keep one of them."
-            )
-            continue
-        state_dict[clean] = state_dict.pop(key)
 
 
 def _pack_kwargs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], tuple[str, ...]]:
