@@ -75,9 +75,12 @@ def _detach_keeping_version(x: Any) -> Any:
 class _Cached:
     """One cached operator output: kept as is, or offloaded to CPU."""
 
-    __slots__ = ("value", "version", "device")
+    __slots__ = ("value", "version", "device", "stand_in")
 
-    def __init__(self, value: torch.Tensor, offload: bool) -> None:
+    def __init__(self, value: torch.Tensor, offload: bool, stand_in: bool = False) -> None:
+        # stand_in: cached only because a saved `checkpoint_name` copies this output (see
+        # `_SaveMode._serve_name`); if it changes in place, recomputing it is still right.
+        self.stand_in = stand_in
         self.device = None
         if offload and value.device.type != "cpu":
             self.device = value.device
@@ -138,6 +141,9 @@ class _SaveMode(TorchDispatchMode):
         self.storage = storage
         self.ac_graph_id = ac_graph_id  # set by torch's checkpoint HOP under torch.compile
         self.calls: dict = defaultdict(int)
+        # Which call produced each live output (weakly held), so a saved name can be served
+        # by the output it copies.
+        self.producers = torch.utils.weak.WeakIdKeyDictionary()
         for observer in _OBSERVERS:
             observer.append(self)
 
@@ -172,7 +178,33 @@ class _SaveMode(TorchDispatchMode):
             self.storage[func][index] = tree_map(lambda x: _Cached(x, True) if isinstance(x, torch.Tensor) else x, out)
         else:
             self.storage[func][index] = _RECOMPUTE
+        if not tracing:
+            if _is_name_op(func) and (policy in _SAVE or policy in _OFFLOAD):
+                self._serve_name(func, index, args[0], policy in _OFFLOAD)
+            elif isinstance(out, torch.Tensor) and not func.is_view:
+                self.producers[out] = (func, index)
         return out
+
+    def _serve_name(self, func, index: int, value: torch.Tensor, offload: bool) -> None:
+        # `cc.checkpoint_name(x, name)` is a copy of x. The recomputation reruns the region,
+        # so caching only the copy would still recompute x's producer (an mm, say) just to
+        # copy it again: cache x itself in the producer's slot instead, and let the cheap
+        # copy rerun. Same bytes, and a saved name then saves its producer's work, as a
+        # compiled partitioner does by dead-code elimination. A view (or a multi-output
+        # op) is left alone: caching it would keep a larger storage alive.
+        producer = self.producers.get(value)
+        if producer is None:
+            return
+        entries = self.storage[producer[0]]
+        if entries.get(producer[1]) is _RECOMPUTE:
+            entries[producer[1]] = _Cached(value, offload, stand_in=True)
+        self.storage[func][index] = _RECOMPUTE
+
+
+def _is_name_op(func) -> bool:
+    # ckpt_compile.policies.checkpoint_name's operator, matched by name: the engine imports
+    # nothing above it.
+    return getattr(func, "namespace", None) == "ckpt_compile" and func.__name__ == "checkpoint_name.default"
 
 
 @contextlib.contextmanager
@@ -237,10 +269,16 @@ class _ReplayMode(TorchDispatchMode):
                 "Trying to backward an extra time. You are only allowed to backward once "
                 "on any region computed under selective activation checkpoint."
             )
-        if entry is _RECOMPUTE:
+        if entry is _RECOMPUTE or _mutated_stand_in(entry):
             return func(*args, **kwargs)
         entries[index] = _CONSUMED  # free the cache entry as soon as it is handed back
         return tree_map(lambda c: c.get(func, self.allow_mutation) if isinstance(c, _Cached) else c, entry)
+
+
+def _mutated_stand_in(entry: Any) -> bool:
+    return isinstance(entry, _Cached) and entry.stand_in and entry.version is not None and (
+        entry.value._version != entry.version
+    )
 
 
 def create_selective_checkpoint_contexts(policy_fn_or_list, allow_cache_entry_mutation: bool = False):
