@@ -14,6 +14,7 @@ needs it, so the operator is not rerun.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterator
 
@@ -141,9 +142,9 @@ class _SaveMode(TorchDispatchMode):
         self.storage = storage
         self.ac_graph_id = ac_graph_id  # set by torch's checkpoint HOP under torch.compile
         self.calls: dict = defaultdict(int)
-        # Which call produced each live output (weakly held), so a saved name can be served
-        # by the output it copies.
-        self.producers = torch.utils.weak.WeakIdKeyDictionary()
+        # Storage -> (op, call index, output) of the live outputs that own their storage
+        # (weakly held), so a saved name can be served by the output it copies.
+        self.producers: dict[int, tuple] = {}
         for observer in _OBSERVERS:
             observer.append(self)
 
@@ -181,8 +182,8 @@ class _SaveMode(TorchDispatchMode):
         if not tracing:
             if _is_name_op(func) and (policy in _SAVE or policy in _OFFLOAD):
                 self._serve_name(func, index, args[0], policy in _OFFLOAD)
-            elif isinstance(out, torch.Tensor) and not func.is_view:
-                self.producers[out] = (func, index)
+            elif not func.is_view and (ptr := _storage_ptr(out)):
+                self.producers[ptr] = (func, index, weakref.ref(out))
         return out
 
     def _serve_name(self, func, index: int, value: torch.Tensor, offload: bool) -> None:
@@ -190,15 +191,30 @@ class _SaveMode(TorchDispatchMode):
         # so caching only the copy would still recompute x's producer (an mm, say) just to
         # copy it again: cache x itself in the producer's slot instead, and let the cheap
         # copy rerun. Same bytes, and a saved name then saves its producer's work, as a
-        # compiled partitioner does by dead-code elimination. A view (or a multi-output
-        # op) is left alone: caching it would keep a larger storage alive.
-        producer = self.producers.get(value)
-        if producer is None:
+        # compiled partitioner does by dead-code elimination. The name may see the output
+        # through a view of all of it (a linear layer on 3-d input ends in a reshape); a
+        # view of part of a storage, or a multi-output op, is left alone (caching its
+        # producer would keep more bytes alive than the copy).
+        ptr = _storage_ptr(value)
+        func_in, index_in, ref = self.producers.get(ptr, (None, None, None))
+        base = ref() if ref is not None else None
+        if not ptr or base is None or base.numel() != value.numel() or _storage_ptr(base) != ptr:
             return
-        entries = self.storage[producer[0]]
-        if entries.get(producer[1]) is _RECOMPUTE:
-            entries[producer[1]] = _Cached(value, offload, stand_in=True)
+        entries = self.storage[func_in]
+        if entries.get(index_in) is _RECOMPUTE:
+            entries[index_in] = _Cached(base, offload, stand_in=True)
         self.storage[func][index] = _RECOMPUTE
+
+
+def _storage_ptr(x: Any) -> int:
+    """Data pointer of a dense tensor's storage; 0 for anything else (fake, meta, functional
+    or batched tensors under tracing, empty tensors, non-tensors)."""
+    if type(x) is not torch.Tensor or x.is_meta or not x.numel():
+        return 0
+    try:
+        return x.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 def _is_name_op(func) -> bool:
