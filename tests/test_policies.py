@@ -12,6 +12,7 @@ the last linear layer's; a compiled partition drops it).
 """
 from __future__ import annotations
 
+import doctest
 import functools
 from collections import Counter
 
@@ -345,3 +346,25 @@ def test_checkpoint_name_traces_without_graph_break():
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     targets = [n.target for n in explained.graphs[0].graph.nodes if n.op == "call_function"]
     assert policies.NAME_OP in targets
+
+
+def test_save_matmuls_saves_fused_attention():
+    # SDPA runs as one fused aten op (flash attention on CPU): saved, it is not rerun.
+    q = torch.randn(2, 4, 32, 16, requires_grad=True)
+
+    def f(q):
+        return F.scaled_dot_product_attention(q.sin(), q.cos(), q, is_causal=True).sum()
+
+    counts = {}
+    for name, policy in (("nothing", policies.save_nothing), ("matmuls", policies.save_matmuls)):
+        ctx = functools.partial(cc.create_selective_checkpoint_contexts, policy)
+        out = cc.checkpoint(f, q, use_reentrant=False, context_fn=ctx)
+        with OpCounter() as counter:
+            out.backward()
+        counts[name] = {k: v for k, v in counter.counts.items() if k.startswith("_scaled_dot_product") and not k.endswith("backward")}
+    assert sum(counts["nothing"].values()) == 1 and not counts["matmuls"]
+
+
+def test_docstring_examples():
+    result = doctest.testmod(policies, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
