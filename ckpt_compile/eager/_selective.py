@@ -14,14 +14,13 @@ needs it, so the operator is not rerun.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx.traceback as fx_traceback
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import CheckpointPolicy
 
 __all__ = ["CheckpointPolicy", "SelectiveCheckpointContext", "create_selective_checkpoint_contexts"]
@@ -182,8 +181,12 @@ class _SaveMode(TorchDispatchMode):
         if not tracing:
             if _is_name_op(func) and (policy in _SAVE or policy in _OFFLOAD):
                 self._serve_name(func, index, args[0], policy in _OFFLOAD)
-            elif not func.is_view and (ptr := _storage_ptr(out)):
-                self.producers[ptr] = (func, index, weakref.ref(out))
+            elif not func.is_view and (ptr := _storage_ptr(out)) and not _aliases(ptr, args):
+                # Metadata only (no reference: the output may be freed). An op returning an
+                # alias of its input without being marked a view (`_unsafe_view`, in-place
+                # ops) does not replace the storage's producer.
+                self.producers[ptr] = (func, index, out.size(), out.stride(), out.storage_offset(),
+                                       out.dtype, out.untyped_storage().nbytes())
         return out
 
     def _serve_name(self, func, index: int, value: torch.Tensor, offload: bool) -> None:
@@ -196,14 +199,23 @@ class _SaveMode(TorchDispatchMode):
         # view of part of a storage, or a multi-output op, is left alone (caching its
         # producer would keep more bytes alive than the copy).
         ptr = _storage_ptr(value)
-        func_in, index_in, ref = self.producers.get(ptr, (None, None, None))
-        base = ref() if ref is not None else None
-        if not ptr or base is None or base.numel() != value.numel() or _storage_ptr(base) != ptr:
+        if not ptr or ptr not in self.producers:
+            return
+        func_in, index_in, size, stride, offset, dtype, nbytes = self.producers[ptr]
+        if dtype != value.dtype or nbytes != value.untyped_storage().nbytes() or size.numel() != value.numel():
             return
         entries = self.storage[func_in]
         if entries.get(index_in) is _RECOMPUTE:
+            # Rebuilt as the producer's output; ADInplaceOrView on, so it shares the named
+            # value's version counter and a later in-place change is noticed.
+            with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False):
+                base = value.as_strided(size, stride, offset)
             entries[index_in] = _Cached(base, offload, stand_in=True)
         self.storage[func][index] = _RECOMPUTE
+
+
+def _aliases(ptr: int, args: tuple) -> bool:
+    return any(_storage_ptr(a) == ptr for a in tree_leaves(args))
 
 
 def _storage_ptr(x: Any) -> int:
