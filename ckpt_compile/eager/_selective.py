@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx.traceback as fx_traceback
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import CheckpointPolicy
 
 __all__ = ["CheckpointPolicy", "SelectiveCheckpointContext", "create_selective_checkpoint_contexts"]
@@ -141,11 +141,18 @@ class _SaveMode(TorchDispatchMode):
         self.storage = storage
         self.ac_graph_id = ac_graph_id  # set by torch's checkpoint HOP under torch.compile
         self.calls: dict = defaultdict(int)
-        # Storage -> (op, call index, output) of the live outputs that own their storage
-        # (weakly held), so a saved name can be served by the output it copies.
-        self.producers: dict[int, tuple] = {}
+        # Storage pointer -> (op, call index, layout) of the outputs that own their storage,
+        # so a saved name can be served by the output it copies (see `_serve_name`).
+        # None while `checkpoint_name` does not exist (ckpt_compile.policies never
+        # imported): no value can be named, so no per-op bookkeeping.
+        self.producers: dict[int, tuple] | None = {} if _names_exist() else None
         for observer in _OBSERVERS:
             observer.append(self)
+
+    def __exit__(self, *exc):
+        if self.producers:
+            self.producers.clear()  # only the forward reads it; keep nothing until the backward
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -178,7 +185,7 @@ class _SaveMode(TorchDispatchMode):
             self.storage[func][index] = tree_map(lambda x: _Cached(x, True) if isinstance(x, torch.Tensor) else x, out)
         else:
             self.storage[func][index] = _RECOMPUTE
-        if not tracing:
+        if not tracing and self.producers is not None:
             if _is_name_op(func) and (policy in _SAVE or policy in _OFFLOAD):
                 self._serve_name(func, index, args[0], policy in _OFFLOAD)
             elif not func.is_view and (ptr := _storage_ptr(out)) and not _aliases(ptr, args):
@@ -215,7 +222,8 @@ class _SaveMode(TorchDispatchMode):
 
 
 def _aliases(ptr: int, args: tuple) -> bool:
-    return any(_storage_ptr(a) == ptr for a in tree_leaves(args))
+    # Alias-returning ops take the aliased tensor as a direct argument.
+    return any(type(a) is torch.Tensor and _storage_ptr(a) == ptr for a in args)
 
 
 def _storage_ptr(x: Any) -> int:
@@ -227,6 +235,10 @@ def _storage_ptr(x: Any) -> int:
         return x.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return 0
+
+
+def _names_exist() -> bool:
+    return hasattr(torch.ops.ckpt_compile, "checkpoint_name")
 
 
 def _is_name_op(func) -> bool:
