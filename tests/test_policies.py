@@ -237,6 +237,32 @@ def test_save_ops_counts_per_region_run():
     assert decisions == [SAVE, RECOMPUTE, SAVE]
 
 
+def test_save_ops_counts_per_calling_mode():
+    # Each region run brings fresh dispatch modes; torch before 2.5 also asked the policy in
+    # the recomputation (ctx.is_recompute=True) from a second mode, interleaved with other
+    # regions' forwards. Every mode sees the same decisions from its first call on.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    policy = policies.save_ops(aten.mm.default, every=2)
+
+    class Asking(TorchDispatchMode):
+        def __init__(self, recompute):
+            super().__init__()
+            self.recompute, self.decisions = recompute, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ctx = tuc.SelectiveCheckpointContext(is_recompute=self.recompute)
+            self.decisions.append(policy(ctx, func, *args, **(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    a = torch.randn(4, 4)
+    forward, recompute = Asking(False), Asking(True)
+    for mode in (forward, recompute, forward, recompute, forward, recompute):
+        with mode:
+            a @ a
+    assert forward.decisions == recompute.decisions == [SAVE, RECOMPUTE, SAVE]
+
+
 def test_save_ops_accepts_packets_and_all_calls_by_default():
     policy = policies.save_ops(aten.mm, aten.gelu.default)
     assert policy(None, aten.mm.default) == policy(None, aten.gelu.default) == SAVE
