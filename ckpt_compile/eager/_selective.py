@@ -10,6 +10,10 @@ Unlike PyTorch 2.13, which treats ``MUST_CPU_OFFLOAD`` / ``PREFER_CPU_OFFLOAD`` 
 recompute in eager mode, we really offload: the output is copied to CPU (pinned memory when
 it lives on CUDA) in the forward and copied back to its device when the recomputation
 needs it, so the operator is not rerun.
+
+A value named with ``cc.checkpoint_name`` and saved (or offloaded) by the policy is cached in
+its producer's place, so the producer is not recomputed only to be named again (PyTorch's
+engine caches the name's copy and reruns the producer).
 """
 from __future__ import annotations
 
