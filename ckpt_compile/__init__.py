@@ -54,6 +54,7 @@ _LAZY = {
     "write_picture": "ckpt_compile.diagnostics._picture",
     "saved_tensor_bytes": "ckpt_compile.diagnostics._graph_stats",
     "autograd_nodes": "ckpt_compile.diagnostics._graph_stats",
+    "checkpoint_name": "ckpt_compile.policies",
 }
 
 __all__ = [
@@ -73,6 +74,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "policies":  # the policy library is a public module (API.md), loaded on first use
+        return importlib.import_module("ckpt_compile.policies")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ckpt_compile' has no attribute {name!r}")

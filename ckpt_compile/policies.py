@@ -1,0 +1,332 @@
+"""Selective-checkpoint policies, modelled on JAX's ``jax.checkpoint_policies``.
+
+Each policy is a function ``policy(ctx, op, *args, **kwargs) -> CheckpointPolicy`` for
+``create_selective_checkpoint_contexts`` (ours or ``torch.utils.checkpoint``'s), eagerly
+and under ``torch.compile`` (``backend="ckpt"`` or inductor). Saved values are
+``MUST_SAVE`` and everything else ``PREFER_RECOMPUTE``, as with PyTorch's list form, so
+that a compiled partitioner honours the same choice as eager (torch's min-cut treats only
+``MUST_SAVE`` as binding).
+
+==================================  ============================================
+JAX                                 here
+==================================  ============================================
+``nothing_saveable``                ``save_nothing``
+``everything_saveable``             ``save_everything``
+``dots_saveable``                   ``save_matmuls`` (also conv and attention)
+``dots_with_no_batch_dims_saveable`` ``save_matmuls_without_batch_dims``
+``save_only_these_names``           ``save_only_these_names(*names)``
+``save_any_names_but_these``        ``save_any_names_but_these(*names)``
+``save_and_offload_only_these_names`` ``offload_these_names(*names)``
+``save_from_both_policies``         ``save_from_both(p, q)``
+(none)                              ``save_ops(*ops, every=n)``
+``checkpoint_name``                 ``checkpoint_name(tensor, name)``
+==================================  ============================================
+
+>>> import functools, torch, ckpt_compile as cc
+>>> from ckpt_compile import policies
+>>> def block(x, w):
+...     h = cc.checkpoint_name(torch.relu(x @ w), "hidden")
+...     return (h @ w).sum()
+>>> ctx = functools.partial(cc.create_selective_checkpoint_contexts,
+...                         policies.save_only_these_names("hidden"))
+>>> x, w = torch.randn(4, 8), torch.randn(8, 8, requires_grad=True)
+>>> cc.checkpoint(block, x, w, use_reentrant=False, context_fn=ctx).backward()
+>>> w.grad.shape
+torch.Size([8, 8])
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ckpt_compile.eager._selective import CheckpointPolicy
+
+__all__ = [
+    "checkpoint_name",
+    "save_nothing",
+    "save_everything",
+    "save_matmuls",
+    "save_matmuls_without_batch_dims",
+    "save_only_these_names",
+    "save_any_names_but_these",
+    "offload_these_names",
+    "save_ops",
+    "save_from_both",
+]
+
+Policy = Callable[..., CheckpointPolicy]
+
+_SAVE = CheckpointPolicy.MUST_SAVE
+_RECOMPUTE = CheckpointPolicy.PREFER_RECOMPUTE
+_OFFLOAD = CheckpointPolicy.MUST_CPU_OFFLOAD
+
+
+# ---------------------------------------------------------------------------- names
+# A functional custom op: policies see it as one operator call whose second argument is
+# the name. It returns a copy, not a view: custom ops may not alias their inputs, and a
+# view would share its producer's storage (the partitioner never saves a view alone). The
+# copy costs no saved bytes: inside a checkpointed region the producer's output is not
+# kept once the copy exists, so the named value is stored exactly once.
+@torch.library.custom_op("ckpt_compile::checkpoint_name", mutates_args=())
+def _name_op(x: torch.Tensor, name: str) -> torch.Tensor:
+    return x.clone()
+
+
+@_name_op.register_fake
+def _(x, name):
+    return torch.empty_like(x)
+
+
+def _name_backward(ctx, grad):
+    return grad, None
+
+
+_name_op.register_autograd(_name_backward)
+
+NAME_OP = torch.ops.ckpt_compile.checkpoint_name.default
+
+
+def checkpoint_name(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """Return ``tensor`` (same values, gradient passes through) marked with ``name``.
+
+    Name-based policies (:func:`save_only_these_names`, :func:`save_any_names_but_these`,
+    :func:`offload_these_names`) decide on the marked value; other policies see one cheap
+    copy. Traced by ``torch.compile(fullgraph=True)`` without a graph break.
+
+    >>> import torch, ckpt_compile as cc
+    >>> x = torch.arange(3.0)
+    >>> torch.equal(cc.checkpoint_name(x, "x"), x)
+    True
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"checkpoint_name(tensor, name): tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"checkpoint_name(tensor, name): name must be a str, got {type(name).__name__} {name!r}")
+    return NAME_OP(tensor, name)
+
+
+def _name_of(op, args) -> str | None:
+    return args[1] if op is NAME_OP and len(args) > 1 else None
+
+
+def _check_names(api: str, names: tuple) -> frozenset:
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"policies.{api}(*names): names must be str, got {bad!r}")
+    return frozenset(names)
+
+
+# ---------------------------------------------------------------------------- ops
+def _ops(*names: str) -> frozenset:
+    # Looked up by name so that an operator missing from this torch build is skipped.
+    found = set()
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
+        if op is not None:
+            found.add(op)
+    return frozenset(found)
+
+
+# dot_general without batch dimensions in JAX's sense: one matrix product per call.
+_MATMULS_NO_BATCH = _ops("mm", "addmm", "mv", "addmv", "dot", "_int_mm", "_scaled_mm")
+_MATMULS = _MATMULS_NO_BATCH | _ops(
+    "bmm", "baddbmm", "addbmm",
+    "convolution", "_convolution",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward",
+    "_efficient_attention_forward",
+)
+
+
+# ---------------------------------------------------------------------------- policies
+def save_nothing(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Recompute everything (full checkpointing; JAX's ``nothing_saveable``)."""
+    return _RECOMPUTE
+
+
+def save_everything(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Save every operator's output (no recomputation; JAX's ``everything_saveable``)."""
+    return _SAVE
+
+
+def save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Save the outputs of matrix products (``mm``, ``addmm``, ``bmm``, ...), convolutions and
+    fused attention; recompute the rest (JAX's ``dots_saveable``)."""
+    return _SAVE if op in _MATMULS else _RECOMPUTE
+
+
+def save_matmuls_without_batch_dims(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Save only products without batch dimensions (``mm``, ``addmm``: the linear layers),
+    recompute batched ones (``bmm``: attention scores) and all else (JAX's
+    ``dots_with_no_batch_dims_saveable``)."""
+    return _SAVE if op in _MATMULS_NO_BATCH else _RECOMPUTE
+
+
+def save_only_these_names(*names: str) -> Policy:
+    """Save the values marked by :func:`checkpoint_name` with one of ``names``; recompute
+    everything else."""
+    wanted = _check_names("save_only_these_names", names)
+
+    def policy(ctx, op, *args, **kwargs):
+        return _SAVE if _name_of(op, args) in wanted else _RECOMPUTE
+
+    policy.__name__ = policy.__qualname__ = f"save_only_these_names{tuple(sorted(wanted))}"
+    return policy
+
+
+def save_any_names_but_these(*names: str) -> Policy:
+    """Save every value marked by :func:`checkpoint_name` except those named in ``names``;
+    recompute everything else (unnamed values included)."""
+    unwanted = _check_names("save_any_names_but_these", names)
+
+    def policy(ctx, op, *args, **kwargs):
+        name = _name_of(op, args)
+        return _SAVE if name is not None and name not in unwanted else _RECOMPUTE
+
+    policy.__name__ = policy.__qualname__ = f"save_any_names_but_these{tuple(sorted(unwanted))}"
+    return policy
+
+
+def offload_these_names(*names: str) -> Policy:
+    """Offload the values named by :func:`checkpoint_name` with one of ``names`` to CPU
+    (``MUST_CPU_OFFLOAD``: copied to host memory in the forward, back for the backward);
+    recompute everything else. Values already on CPU are simply kept."""
+    wanted = _check_names("offload_these_names", names)
+
+    def policy(ctx, op, *args, **kwargs):
+        return _OFFLOAD if _name_of(op, args) in wanted else _RECOMPUTE
+
+    policy.__name__ = policy.__qualname__ = f"offload_these_names{tuple(sorted(wanted))}"
+    return policy
+
+
+class _Counter:
+    """Calls counted per run of a checkpointed region.
+
+    One policy object serves every region and every step (it is bound once into
+    ``functools.partial(create_selective_checkpoint_contexts, policy)``), but each run of
+    a region creates fresh dispatch modes, and the mode calls the policy from its own
+    ``__torch_dispatch__``. Counting per calling mode therefore restarts at each region
+    run, forward and recomputation alike (torch before 2.5 asked the policy again in the
+    recomputation, with ``ctx.is_recompute=True``, through a second mode), and per trace
+    under ``torch.compile``, where AOTAutograd runs the policy once per traced operator.
+    """
+
+    def __init__(self) -> None:
+        self._per_mode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._outside = 0  # calls made directly, not from a dispatch mode
+
+    def next(self) -> int:
+        mode = _calling_mode()
+        if mode is None:
+            index, self._outside = self._outside, self._outside + 1
+            return index
+        index = self._per_mode.get(mode, 0)
+        self._per_mode[mode] = index + 1
+        return index
+
+
+def _calling_mode(depth: int = 12) -> TorchDispatchMode | None:
+    frame = sys._getframe(2)
+    while frame is not None and depth > 0:
+        if frame.f_code.co_name == "__torch_dispatch__":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, TorchDispatchMode):
+                return owner
+        frame, depth = frame.f_back, depth - 1
+    return None
+
+
+def save_ops(*ops, every: int = 1) -> Policy:
+    """Save the outputs of the listed aten operators, or, with ``every=n``, of their 1st,
+    (n+1)-th, (2n+1)-th ... call in each run of a checkpointed region (the listed ops'
+    calls counted together, in program order; torchtitan's "save every other matmul" is
+    ``save_ops(torch.ops.aten.mm.default, every=2)``). Everything else is recomputed.
+
+    ``ops`` are ``OpOverload`` (``torch.ops.aten.mm.default``) or ``OpOverloadPacket``
+    (``torch.ops.aten.mm``: all its overloads).
+
+    >>> import torch
+    >>> every_other = save_ops(torch.ops.aten.mm.default, every=2)
+    >>> [every_other(None, torch.ops.aten.mm.default).name for _ in range(3)]  # called directly
+    ['MUST_SAVE', 'PREFER_RECOMPUTE', 'MUST_SAVE']
+    """
+    overloads, packets = set(), set()
+    for op in ops:
+        if isinstance(op, torch._ops.OpOverload):
+            overloads.add(op)
+        elif isinstance(op, torch._ops.OpOverloadPacket):
+            packets.add(op)
+        else:
+            raise TypeError(
+                f"policies.save_ops(*ops, every): each op must be a torch operator such as "
+                f"torch.ops.aten.mm.default or torch.ops.aten.mm, got {op!r} ({type(op).__name__})"
+            )
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"policies.save_ops(*ops, every): every must be an int >= 1, got {every!r}")
+    counter = _Counter() if every > 1 else None
+
+    def policy(ctx, op, *args, **kwargs):
+        if op not in overloads and getattr(op, "overloadpacket", None) not in packets:
+            return _RECOMPUTE
+        if counter is None:
+            return _SAVE
+        return _SAVE if counter.next() % every == 0 else _RECOMPUTE
+
+    listed = ", ".join(str(op) for op in ops)
+    policy.__name__ = policy.__qualname__ = f"save_ops({listed}, every={every})"
+    return policy
+
+
+# Rank of each decision when two policies are merged: save beats offload beats recompute.
+_KIND = {
+    CheckpointPolicy.MUST_SAVE: 2, CheckpointPolicy.PREFER_SAVE: 2,
+    CheckpointPolicy.MUST_CPU_OFFLOAD: 1, CheckpointPolicy.PREFER_CPU_OFFLOAD: 1,
+    CheckpointPolicy.MUST_RECOMPUTE: 0, CheckpointPolicy.PREFER_RECOMPUTE: 0,
+}
+_MUST = frozenset({CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_CPU_OFFLOAD, CheckpointPolicy.MUST_RECOMPUTE})
+
+
+def _as_policy(value: Any, which: Callable, op) -> CheckpointPolicy:
+    if isinstance(value, CheckpointPolicy):
+        return value
+    if isinstance(value, bool):  # torch's older boolean policies: True means save
+        return CheckpointPolicy.MUST_SAVE if value else CheckpointPolicy.PREFER_RECOMPUTE
+    raise TypeError(
+        f"policies.save_from_both: {getattr(which, '__name__', which)!r} returned {value!r} for {op}; "
+        "expected a CheckpointPolicy member or a bool"
+    )
+
+
+def save_from_both(p: Policy, q: Policy) -> Policy:
+    """Save what either policy saves (JAX's ``save_from_both_policies``): save beats
+    offload beats recompute, and the result is ``MUST_*`` when a policy that chose that
+    kind said ``MUST``. Both policies are asked about every operator, so counting
+    policies such as :func:`save_ops` keep their count.
+
+    >>> import torch
+    >>> both = save_from_both(save_matmuls, save_only_these_names("attn"))
+    >>> both(None, torch.ops.aten.mm.default).name, both(None, torch.ops.aten.sin.default).name
+    ('MUST_SAVE', 'PREFER_RECOMPUTE')
+    """
+    for which in (p, q):
+        if not callable(which):
+            raise TypeError(f"policies.save_from_both(p, q): policies must be callable, got {which!r}")
+
+    def policy(ctx, op, *args, **kwargs):
+        a = _as_policy(p(ctx, op, *args, **kwargs), p, op)
+        b = _as_policy(q(ctx, op, *args, **kwargs), q, op)
+        if _KIND[a] != _KIND[b]:
+            return a if _KIND[a] > _KIND[b] else b
+        return a if a in _MUST else b
+
+    policy.__name__ = policy.__qualname__ = (
+        f"save_from_both({getattr(p, '__name__', p)}, {getattr(q, '__name__', q)})"
+    )
+    return policy
