@@ -60,8 +60,9 @@ def checkpoint_under_dynamo(function, args: tuple, kwargs: dict, options: dict):
     Called by ``ckpt_compile.checkpoint`` only while Dynamo traces; ``options`` holds its
     keywords by name. Only the keywords that differ from their defaults are handed on, so
     the recorded ``tag_activation_checkpoint`` call is the one ``torch.utils.checkpoint``
-    records for the same call (a keyword passed with its default value is the one
-    difference: torch records it, we do not; the graph is the same).
+    records for the same call. Two differences: a keyword passed with its default value
+    is not recorded (torch records it; the graph is the same), and ``debug=True`` is not
+    handed on (torch fails to trace it; it has nothing to act on in a compiled region).
     """
     _metadata_fn(options["determinism_check"])  # the eager engine's validation and message
     context_fn = options["context_fn"]
@@ -73,6 +74,10 @@ def checkpoint_under_dynamo(function, args: tuple, kwargs: dict, options: dict):
         for name, default in _DEFAULTS.items()
         if not (type(options[name]) is type(default) and options[name] == default)
     }
+    # torch's own call with debug=True fails while Dynamo traces it (its debug mode is a
+    # context_fn, and the compiled region's policy is another); a compiled recompute has
+    # no eager trace to show, so debug is validated above and not handed on.
+    passed.pop("debug", None)
     if not TORCH_HAS_RESPECT_HOOKS:
         # torch 2.13 would take it for an argument of `function`; under compile it has
         # nothing to act on anyway (selective caches are a tracing artifact there).
