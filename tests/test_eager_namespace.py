@@ -245,3 +245,52 @@ def test_respect_saved_tensors_hooks_is_never_passed_to_the_function():
         cc.checkpoint(fn, x, use_reentrant=False, respect_saved_tensors_hooks=respect).sum().backward()
     with pytest.raises(TypeError, match="respect_saved_tensors_hooks must be True, False or None"):
         cc.checkpoint(fn, x, use_reentrant=False, respect_saved_tensors_hooks="yes")
+
+
+def test_respect_saved_tensors_hooks_with_torchs_selective_contexts():
+    # torch 2.14+'s own selective mode routes through the user's hooks under our checkpoint
+    # too; older torch's cannot, and asking for it is an error rather than ignored.
+    x = torch.randn(6, 6, requires_grad=True)
+    context = functools.partial(tuc.create_selective_checkpoint_contexts, [torch.ops.aten.mm.default])
+    packer = _Packer()
+
+    def run():
+        with torch.autograd.graph.saved_tensors_hooks(packer.pack, packer.unpack):
+            return cc.checkpoint(lambda t: (t @ t).relu().sum(), x, use_reentrant=False, context_fn=context,
+                                 respect_saved_tensors_hooks=True)
+
+    if not TORCH_HAS_DECORATOR:
+        with pytest.raises(ValueError, match="respect_saved_tensors_hooks=True needs a selective policy"):
+            run()
+        return
+    run().backward()
+    assert (packer.packed, packer.unpacked) == (2, 2)
+
+
+def _nested_under_hooks(impl):
+    x = torch.randn(6, 6, requires_grad=True)
+    context = functools.partial(impl.create_selective_checkpoint_contexts, [torch.ops.aten.mm.default])
+
+    def inner(t):
+        return (t @ t).relu()
+
+    def outer(t):
+        return impl.checkpoint(inner, t.sin(), use_reentrant=False, context_fn=context,
+                               respect_saved_tensors_hooks=True).sum()
+
+    packer = _Packer()
+    with torch.autograd.graph.saved_tensors_hooks(packer.pack, packer.unpack):
+        y = impl.checkpoint(outer, x, use_reentrant=False, early_stop=False)  # inner reruns too
+        y.backward()
+    ref = x.detach().requires_grad_()
+    assert torch.allclose(x.grad, torch.autograd.grad(inner(ref.sin()).sum(), ref)[0])
+    return packer.packed, packer.unpacked
+
+
+def test_respect_saved_tensors_hooks_in_nested_regions_finds_the_users_hooks():
+    # The inner region's cache goes through the user's hooks, never through the outer
+    # region's own hooks, in the forward and when the outer region is recomputed.
+    counts = _nested_under_hooks(cc)
+    assert counts[0] >= counts[1] > 0  # the recomputed outer region caches the inner one again
+    if TORCH_HAS_DECORATOR:
+        assert counts == _nested_under_hooks(tuc)

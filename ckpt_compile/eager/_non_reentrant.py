@@ -157,11 +157,17 @@ class _Frame:
             return x
 
         args = [a.unpack() if isinstance(a, SavedTensor) else a for a in self.inputs]
+        # Checkpointing's own hook too: a nested region rerun here must find the user's
+        # hooks beneath it, not this one (see ``_Frame._checkpoint_internal``).
+        pack_recomputed._checkpoint_internal = True
+        pack_recomputed._user_hooks = _current_user_saved_tensors_hooks()
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack_recomputed, _identity), torch.enable_grad():
                 _run_fn_with_dynamo_disabled(self.run, *args)
         except _StopRecomputation:
             pass
+        finally:
+            pack_recomputed._user_hooks = None
         self.recomputed_for.add(call)
         if count != expected and not self.ignore_count_mismatch:
             raise CheckpointError(
