@@ -1,5 +1,6 @@
 """Restrictions, warnings and errors: same types and messages as torch.utils.checkpoint
 where PyTorch's are the spec, clearer ones where we are stricter."""
+import inspect
 import warnings
 
 import expecttest
@@ -10,7 +11,7 @@ import torch.utils.checkpoint as tuc
 import ckpt_compile as cc
 
 IMPLS = {"ours": cc, "torch": tuc}
-TORCH_HAS_RESPECT_HOOKS = "respect_saved_tensors_hooks" in __import__("inspect").signature(tuc.checkpoint).parameters
+TORCH_HAS_RESPECT_HOOKS = "respect_saved_tensors_hooks" in inspect.signature(tuc.checkpoint).parameters
 
 
 def _error(fn):

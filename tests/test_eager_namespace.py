@@ -2,6 +2,7 @@
 the helpers in its __all__, the decorator form and respect_saved_tensors_hooks (torch 2.14+),
 each compared with torch on the same inputs where torch has it."""
 import functools
+import inspect
 import warnings
 
 import pytest
@@ -11,7 +12,8 @@ import torch.utils.checkpoint as tuc
 import ckpt_compile as cc
 from eager_utils import OpCounter
 
-TORCH_HAS_DECORATOR = "respect_saved_tensors_hooks" in __import__("inspect").signature(tuc.checkpoint).parameters
+# torch 2.14 brought the decorator form and respect_saved_tensors_hooks together.
+TORCH_HAS_DECORATOR = "respect_saved_tensors_hooks" in inspect.signature(tuc.checkpoint).parameters
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

@@ -33,7 +33,6 @@ for the region and its recomputation (``_run_fn_with_dynamo_disabled`` semantics
 """
 from __future__ import annotations
 
-import torch
 import torch.utils.checkpoint as torch_checkpoint
 
 from ckpt_compile.eager._common import _skip_as_fresh_frame, noop_context_fn

@@ -10,6 +10,12 @@ Unlike PyTorch 2.13, which treats ``MUST_CPU_OFFLOAD`` / ``PREFER_CPU_OFFLOAD`` 
 recompute in eager mode, we really offload: the output is copied to CPU (pinned memory when
 it lives on CUDA) in the forward and copied back to its device when the recomputation
 needs it, so the operator is not rerun.
+
+The cache lives outside autograd, so ``saved_tensors_hooks`` (``save_on_cpu``) never see it
+unless the region is checkpointed with ``respect_saved_tensors_hooks=True`` (torch 2.14's
+keyword, offered on every torch): then each cached output is packed by the user's hooks in
+the forward and unpacked when the recomputation takes it. Operators in
+``SAC_IGNORED_OPS`` (torch's own set) are never cached.
 """
 from __future__ import annotations
 
