@@ -121,3 +121,26 @@ def test_reentrant_restrictions_hold_under_dynamo_in_the_installed_torchs_words(
     with eager as expected:
         tuc.checkpoint(torch.sin, x, use_reentrant=True, debug=True)
     assert str(expected.value) in str(info.value)
+
+
+def test_decorated_region_that_dynamo_cannot_trace_runs_on_our_eager_engine(monkeypatch):
+    import ckpt_compile.eager._non_reentrant as engine
+
+    calls = []
+    real = engine._checkpoint_non_reentrant
+    monkeypatch.setattr(engine, "_checkpoint_non_reentrant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lin = torch.nn.Linear(8, 8)
+
+    @cc.checkpoint(use_reentrant=False)
+    def body(t):
+        y = lin(t).relu()
+        torch._dynamo.graph_break()
+        return y.sin()
+
+    x = torch.randn(4, 8, requires_grad=True)
+    torch._dynamo.reset()
+    torch.compile(lambda t: body(t.cos()).sum(), backend="aot_eager")(x).backward()
+    assert calls == [1]
+    got, x.grad = x.grad, None
+    body.__wrapped__(x.cos()).sum().backward()
+    torch.testing.assert_close(got, x.grad)
