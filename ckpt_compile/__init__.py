@@ -31,12 +31,14 @@ from ckpt_compile.eager._common import (
     set_checkpoint_debug_enabled,
     set_checkpoint_early_stop,
 )
-from ckpt_compile.eager._device_state import DefaultDeviceType
+from ckpt_compile.eager._device_state import DefaultDeviceType, get_device_states, set_device_states
+from ckpt_compile.eager._reentrant import CheckpointFunction
 from ckpt_compile.eager._selective import (
     CheckpointPolicy,
     SelectiveCheckpointContext,
     create_selective_checkpoint_contexts,
 )
+from ckpt_compile.eager._torch_api import SAC_IGNORED_OPS, check_backward_validity, detach_variable
 
 # Names whose modules import heavier parts of torch (distributed, inductor) are loaded on
 # first use, so `import ckpt_compile` stays cheap and never fails on an optional piece.
@@ -69,6 +71,13 @@ __all__ = [
     "DefaultDeviceType",
     "noop_context_fn",
     "GraphExecGroup",
+    # the rest of torch.utils.checkpoint.__all__ (helpers code written for it imports)
+    "CheckpointFunction",
+    "check_backward_validity",
+    "detach_variable",
+    "get_device_states",
+    "set_device_states",
+    "SAC_IGNORED_OPS",
     *_LAZY,
 ]
 

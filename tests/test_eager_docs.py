@@ -10,6 +10,8 @@ MODULES = [
     "ckpt_compile.eager._common",
     "ckpt_compile.eager._selective",
     "ckpt_compile.eager._device_state",
+    "ckpt_compile.eager._reentrant",
+    "ckpt_compile.eager._torch_api",
 ]
 
 

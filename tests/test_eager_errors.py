@@ -1,5 +1,6 @@
 """Restrictions, warnings and errors: same types and messages as torch.utils.checkpoint
 where PyTorch's are the spec, clearer ones where we are stricter."""
+import inspect
 import warnings
 
 import expecttest
@@ -10,6 +11,7 @@ import torch.utils.checkpoint as tuc
 import ckpt_compile as cc
 
 IMPLS = {"ours": cc, "torch": tuc}
+TORCH_HAS_RESPECT_HOOKS = "respect_saved_tensors_hooks" in inspect.signature(tuc.checkpoint).parameters
 
 
 def _error(fn):
@@ -36,10 +38,42 @@ def test_argument_errors_match_torch(call):
     ours_type, ours_msg = _error(lambda: call(cc))
     torch_type, torch_msg = _error(lambda: call(tuc))
     assert ours_type is torch_type is ValueError
+    # torch 2.14 reworded the reentrant restriction: ours follows the installed torch.
     if "determinism_check" in torch_msg:
         assert "'default', 'none'" in ours_msg and "strict" in ours_msg
     else:
         assert ours_msg == torch_msg
+
+
+def test_reentrant_rejects_respect_saved_tensors_hooks_in_torch_2_14_words():
+    def call(impl):
+        return impl.checkpoint(torch.sin, torch.ones(2, requires_grad=True), use_reentrant=True,
+                               respect_saved_tensors_hooks=False)
+
+    ours_type, ours_msg = _error(lambda: call(cc))
+    assert ours_type is ValueError
+    assert ours_msg == (
+        "Passing `context_fn`, `debug`, or `respect_saved_tensors_hooks` is only supported when "
+        "use_reentrant=False."
+    )
+    if TORCH_HAS_RESPECT_HOOKS:
+        assert (ours_type, ours_msg) == _error(lambda: call(tuc))
+
+
+@pytest.mark.parametrize("api", ["checkpoint", "checkpoint_sequential"])
+@pytest.mark.parametrize("value", ["no", 0, 1.0])
+def test_use_reentrant_must_be_a_bool_or_none(api, value):
+    # Stricter than torch, which takes any truthy value (even "no") as use_reentrant=True.
+    x = torch.randn(2, 2, requires_grad=True)
+    with pytest.raises(TypeError) as info:
+        if api == "checkpoint":
+            cc.checkpoint(torch.sin, x, use_reentrant=value)
+        else:
+            cc.checkpoint_sequential(torch.nn.Sequential(torch.nn.ReLU()), 1, x, use_reentrant=value)
+    assert str(info.value) == (
+        f"ckpt_compile.{api}: use_reentrant must be True, False or None, got {value!r} "
+        f"({type(value).__name__})."
+    )
 
 
 @pytest.mark.parametrize("how", ["grad", "backward-inputs"])
@@ -158,7 +192,33 @@ def test_debug_mode_prints_both_operator_traces(how):
     assert "aten.sin.default" in forward and "aten.cos.default" not in forward
     assert "aten.cos.default" in recompute
     assert "test_eager_errors.py" in forward  # the user's source line of each operator
-    assert "First difference at operator #1: the forward ran aten.sin.default" in msg
+    assert msg.splitlines()[-1].startswith("First difference at operator #1: the forward ran aten.sin.default")
+
+
+def _debug_error(impl, debug):
+    calls = []
+
+    def changes_on_recompute(t):
+        calls.append(1)
+        return t.sin().exp() if len(calls) == 1 else t[:2].cos().exp()
+
+    y = impl.checkpoint(changes_on_recompute, torch.randn(3, requires_grad=True), use_reentrant=False, debug=debug)
+    with pytest.raises(impl.CheckpointError) as info:
+        y.sum().backward()
+    return str(info.value)
+
+
+def test_debug_error_explains_itself_like_torch_and_drops_the_debug_tip():
+    torch_msg = _debug_error(tuc, debug=True)
+    heading = next(line.strip() for line in torch_msg.splitlines() if "Detected non-determinism" in line)
+    ours = _debug_error(cc, debug=True)
+    assert heading in ours  # "ERROR: Detected non-determinism while running activation checkpointing"
+    assert "You are seeing this error because" in torch_msg and "You are seeing this error because" in ours
+    assert "debug=True" in ours.split("You are seeing this error because")[1]
+    # The tip says "pass debug=True": pointless once it is on (torch drops it too).
+    our_tip, torch_tip = "Tip: pass debug=True", "Tip: To see a more detailed error message"
+    assert our_tip not in ours and torch_tip not in torch_msg
+    assert our_tip in _debug_error(cc, debug=False) and torch_tip in _debug_error(tuc, debug=False)
 
 
 def test_debug_is_incompatible_with_context_fn():

@@ -23,6 +23,18 @@ _PYTHON_DIR = os.path.dirname(os.__file__)
 # Checkpointing itself inserts detaches, and their number differs between the forward and
 # the recomputation: they are noise in a trace.
 _IGNORED = {torch.ops.aten.detach.default, torch.ops.prim.device.default}
+# PyTorch's own explanation of a debug-mode error (its heading and why the user sees it),
+# said for both ways of turning debug mode on; the traces above it and the first
+# difference below it are ours.
+_EXPLANATION = (
+    "ERROR: Detected non-determinism while running activation checkpointing\n\n"
+    "You are seeing this error because checkpoint debug mode is on (`debug=True` was passed "
+    "to checkpoint, or the code runs under `set_checkpoint_debug_enabled(True)`) and the "
+    "tensors saved during the original forward differ from those saved during "
+    "recomputation. This can happen if different operators were run in the original forward "
+    "and in the recomputation: compare the two operator lists above, each operator with "
+    "the source line that ran it."
+)
 
 
 def _user_location() -> str:
@@ -98,5 +110,5 @@ class _DebugTraces:
         raise CheckpointError(
             f"{error}\n\nckpt_compile debug trace (detach calls omitted):\n"
             f"{_format_trace('Original forward', fwd)}\n"
-            f"{_format_trace('Recomputation', rec)}\n{where}"
+            f"{_format_trace('Recomputation', rec)}\n\n{_EXPLANATION}\n\n{where}"
         ) from error

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["DefaultDeviceType"]
+__all__ = ["DefaultDeviceType", "get_device_states", "set_device_states"]
 
 
 class DefaultDeviceType:
@@ -74,6 +74,46 @@ def _infer_device_type(tensors: list[torch.Tensor]) -> str:
             stacklevel=4,
         )
     return "cuda" if "cuda" in distinct else types[0]
+
+
+def get_device_states(*args: Any) -> tuple[list[int], list[torch.Tensor]]:
+    """The device ids of the accelerator tensors in ``args`` (nested containers included,
+    one id per tensor) and the RNG state of each, as ``torch.utils.checkpoint.get_device_states``.
+
+    CPU and meta tensors are skipped; the device type is inferred as checkpoint infers it
+    (CUDA first, else the first accelerator seen, else :class:`DefaultDeviceType`).
+
+    >>> import torch, ckpt_compile as cc
+    >>> cc.get_device_states(torch.ones(2), [torch.zeros(1)])  # CPU only: nothing to stash
+    ([], [])
+    """
+    tensors = _accelerator_tensors(args)
+    ids = [t.get_device() for t in tensors]
+    module = _device_module(_infer_device_type(tensors))
+    states = []
+    for device_id in ids:
+        with module.device(device_id):
+            states.append(module.get_rng_state())
+    return ids, states
+
+
+def set_device_states(devices: list[int], states: list[torch.Tensor], *, device_type: str | None = None) -> None:
+    """Set the RNG state of each device id in ``devices`` to the matching entry of ``states``.
+
+    ``device_type`` defaults to :meth:`DefaultDeviceType.get_device_type`; ``"meta"`` does
+    nothing. Same contract as ``torch.utils.checkpoint.set_device_states``.
+
+    >>> import torch, ckpt_compile as cc
+    >>> cc.set_device_states([], [])  # no accelerator tensors were stashed
+    """
+    if device_type is None:
+        device_type = DefaultDeviceType.get_device_type()
+    if device_type == "meta":
+        return
+    module = _device_module(device_type)
+    for device_id, state in zip(devices, states):
+        with module.device(device_id):
+            module.set_rng_state(state)
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype, bool] | None:

@@ -20,6 +20,7 @@ from torch._C._autograd import SavedTensor, _make_saved_tensor
 
 from ckpt_compile.eager._common import CheckpointError, _run_fn_with_dynamo_disabled
 from ckpt_compile.eager._device_state import _ReplayState
+from ckpt_compile.eager._torch_api import _current_user_saved_tensors_hooks
 
 _DEBUG_TIP = (
     "Tip: pass debug=True to ckpt_compile.checkpoint(...) or wrap the code in "
@@ -62,8 +63,12 @@ class _Frame:
 
     __slots__ = (
         "run", "inputs", "slots", "metadata", "metadata_fn", "early_stop", "on_error",
-        "recomputed_for", "forward_completed", "ignore_count_mismatch",
+        "recomputed_for", "forward_completed", "ignore_count_mismatch", "_user_hooks",
     )
+    # The frame is its region's pack hook (``__call__``). Marked as checkpointing's own
+    # hook, it lets a selective cache find the user's hooks beneath it (``_user_hooks``,
+    # set only while the forward runs), by our lookup and by torch 2.14+'s alike.
+    _checkpoint_internal = True
 
     def __init__(self, run: Callable, metadata_fn, early_stop: bool, on_error) -> None:
         self.run = run
@@ -76,6 +81,7 @@ class _Frame:
         self.recomputed_for: set = set()
         self.forward_completed = False
         self.ignore_count_mismatch = False
+        self._user_hooks = None
 
     def save_inputs(self, args: tuple) -> None:
         # SavedTensor keeps autograd's version check: an input modified in place before
@@ -89,6 +95,8 @@ class _Frame:
         if self.metadata_fn is not _no_metadata:
             self.metadata.append(self.metadata_fn(x))
         return slot
+
+    __call__ = pack  # the frame itself is the pack hook (see ``_checkpoint_internal``)
 
     # -- backward --------------------------------------------------------------------
     def unpack(self, slot: _Slot) -> torch.Tensor:
@@ -134,7 +142,7 @@ class _Frame:
                     return x
                 raise CheckpointError(
                     "ckpt_compile.checkpoint: trying to save more tensors during recomputation "
-                    f"than during the original forward pass (the forward saved {expected}).\n{_DEBUG_TIP}"
+                    f"than during the original forward pass (the forward saved {expected}).{self._tip()}"
                 )
             slot = self.slots[index]()
             if slot is not None:
@@ -149,25 +157,35 @@ class _Frame:
             return x
 
         args = [a.unpack() if isinstance(a, SavedTensor) else a for a in self.inputs]
+        # Checkpointing's own hook too: a nested region rerun here must find the user's
+        # hooks beneath it, not this one (see ``_Frame._checkpoint_internal``).
+        pack_recomputed._checkpoint_internal = True
+        pack_recomputed._user_hooks = _current_user_saved_tensors_hooks()
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack_recomputed, _identity), torch.enable_grad():
                 _run_fn_with_dynamo_disabled(self.run, *args)
         except _StopRecomputation:
             pass
+        finally:
+            pack_recomputed._user_hooks = None
         self.recomputed_for.add(call)
         if count != expected and not self.ignore_count_mismatch:
             raise CheckpointError(
                 "ckpt_compile.checkpoint: A different number of tensors was saved during the "
                 "original forward and recomputation.\n"
                 f"Number of tensors saved during forward: {expected}\n"
-                f"Number of tensors saved during recomputation: {count}.\n{_DEBUG_TIP}"
+                f"Number of tensors saved during recomputation: {count}.{self._tip()}"
             )
         if mismatches:
             raise CheckpointError(
                 "ckpt_compile.checkpoint: Recomputed values for the following tensors have "
                 "different metadata than during the forward pass.\n"
-                + "".join(mismatches) + _DEBUG_TIP
+                + "".join(mismatches).rstrip("\n") + self._tip()
             )
+
+    def _tip(self) -> str:
+        # In debug mode the error already carries the operator traces the tip points to.
+        return "" if self.on_error is not None else "\n" + _DEBUG_TIP
 
 
 def _identity(x):
@@ -185,11 +203,30 @@ def _describe_mismatch(index: int, before: tuple, after: tuple) -> str:
     )
 
 
+class _RegionHooks(torch.autograd.graph.saved_tensors_hooks):
+    """The forward's saved-tensor hooks of one region. While they are on the stack the frame
+    remembers the user hooks they cover, for selective caches that respect them; forgotten
+    on exit, since autograd keeps the pack hook (the frame) alive with the graph."""
+
+    def __init__(self, frame: _Frame, unpack: Callable) -> None:
+        super().__init__(frame, unpack)
+        self.frame = frame
+
+    def __enter__(self):
+        self.frame._user_hooks = _current_user_saved_tensors_hooks()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.frame._user_hooks = None
+        return super().__exit__(*exc)
+
+
 def _install_hooks(frame: _Frame):
     """The forward's hooks; a closure over the frame only (autograd keeps the unpack hook)."""
+    frame._user_hooks = None
     on_error = frame.on_error
     if on_error is None:
-        return torch.autograd.graph.saved_tensors_hooks(frame.pack, frame.unpack)
+        return _RegionHooks(frame, frame.unpack)
 
     def unpack_reporting(slot: _Slot) -> torch.Tensor:
         try:
@@ -197,7 +234,7 @@ def _install_hooks(frame: _Frame):
         except CheckpointError as e:
             on_error(e)
 
-    return torch.autograd.graph.saved_tensors_hooks(frame.pack, unpack_reporting)
+    return _RegionHooks(frame, unpack_reporting)
 
 
 def _region_contexts(context_fn: Callable, debug: bool):
@@ -228,6 +265,20 @@ def _metadata_fn(determinism_check: str):
     return metadata_fn
 
 
+def _pass_respect_saved_tensors_hooks(forward_context: Any, respect: bool | None) -> None:
+    """Tell a selective forward mode (ours, or torch 2.14+'s) whether its cache goes
+    through the user's saved-tensors hooks; set after construction, as torch does."""
+    if hasattr(forward_context, "respect_saved_tensors_hooks"):
+        forward_context.respect_saved_tensors_hooks = respect
+    elif respect and isinstance(forward_context, torch.utils.checkpoint._CachingTorchDispatchMode):
+        raise ValueError(
+            "ckpt_compile.checkpoint: respect_saved_tensors_hooks=True needs a selective "
+            "policy that can route its cache through saved_tensors_hooks; this torch's "
+            "torch.utils.checkpoint.create_selective_checkpoint_contexts cannot. Use "
+            "ckpt_compile.create_selective_checkpoint_contexts."
+        )
+
+
 def _new_frame(run: Callable, metadata_fn, early_stop: bool, on_error) -> _Frame:
     """A region's frame; ``set_checkpoint_early_stop`` overrides ``early_stop``."""
     from ckpt_compile.eager._common import _Switches
@@ -245,12 +296,14 @@ def _checkpoint_non_reentrant(
     determinism_check: str,
     debug: bool,
     early_stop: bool,
+    respect_saved_tensors_hooks: bool | None = None,
 ):
     metadata_fn = _metadata_fn(determinism_check)
     if not torch.is_grad_enabled():
         # Nothing will be saved for backward: there is nothing to checkpoint.
         return function(*args, **kwargs)
     forward_context, recompute_context, on_error = _region_contexts(context_fn, debug)
+    _pass_respect_saved_tensors_hooks(forward_context, respect_saved_tensors_hooks)
     state = _ReplayState.capture(args, preserve_rng_state)
 
     def run(*inputs):

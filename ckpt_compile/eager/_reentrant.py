@@ -5,22 +5,38 @@ region with grad enabled and calls ``torch.autograd.backward`` on it (a reentran
 Its documented restrictions are PyTorch's: no keyword arguments, no ``context_fn`` /
 ``debug``, only ``.backward()`` without ``inputs=``, and outputs need an input that
 requires grad.
+
+The Function is public as :class:`CheckpointFunction` (``torch.utils.checkpoint`` exports
+its own under that name): ``CheckpointFunction.apply(function, preserve_rng_state, *args)``.
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 
 from ckpt_compile.eager._common import _run_fn_with_dynamo_disabled
 from ckpt_compile.eager._device_state import _ReplayState
+from ckpt_compile.eager._torch_api import check_backward_validity, detach_variable
+
+__all__ = ["CheckpointFunction"]
 
 
-class _ReentrantCheckpoint(torch.autograd.Function):
+class CheckpointFunction(torch.autograd.Function):
+    """The reentrant engine as an autograd Function, as ``torch.utils.checkpoint.CheckpointFunction``.
+
+    ``CheckpointFunction.apply(function, preserve_rng_state, *args)`` runs ``function(*args)``
+    under ``no_grad``, keeps the inputs, and reruns it in backward (a reentrant backward).
+    ``checkpoint(..., use_reentrant=True)`` calls exactly this.
+
+    >>> import torch, ckpt_compile as cc
+    >>> x = torch.randn(3, requires_grad=True)
+    >>> cc.CheckpointFunction.apply(torch.sin, True, x).sum().backward()
+    >>> torch.allclose(x.grad, x.detach().cos())
+    True
+    """
+
     @staticmethod
     def forward(ctx, run_function, preserve_rng_state, *args):
-        if not any(a.requires_grad for a in args if isinstance(a, torch.Tensor)):
-            warnings.warn("None of the inputs have requires_grad=True. Gradients will be None", stacklevel=2)
+        check_backward_validity(args)
         ctx.run_function = run_function
         ctx.state = _ReplayState.capture(args, preserve_rng_state)
         ctx.tensor_positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
@@ -42,9 +58,8 @@ class _ReentrantCheckpoint(torch.autograd.Function):
             )
         inputs = list(ctx.other_args)
         for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
-            detached = tensor.detach()
-            detached.requires_grad = tensor.requires_grad
-            inputs[position] = detached
+            inputs[position] = tensor
+        inputs = list(detach_variable(tuple(inputs)))
         with ctx.state.replay(), torch.enable_grad():
             outputs = _run_fn_with_dynamo_disabled(ctx.run_function, *inputs)
         if isinstance(outputs, torch.Tensor):

@@ -14,10 +14,17 @@ needs it (each backward, including a second or a double one), so the operator is
 A value named with ``cc.checkpoint_name`` and saved (or offloaded) by the policy is cached in
 its producer's place, so the producer is not recomputed only to be named again (PyTorch's
 engine caches the name's copy and reruns the producer).
+
+The cache lives outside autograd, so ``saved_tensors_hooks`` (``save_on_cpu``) never see it
+unless the region is checkpointed with ``respect_saved_tensors_hooks=True`` (torch 2.14's
+keyword, offered on every torch): then each cached output is packed by the user's hooks in
+the forward and unpacked when the recomputation takes it. Operators in
+``SAC_IGNORED_OPS`` (torch's own set) are never cached.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterator
 
@@ -26,6 +33,12 @@ import torch.fx.traceback as fx_traceback
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import CheckpointPolicy
+
+from ckpt_compile.eager._torch_api import (
+    SAC_IGNORED_OPS,
+    TORCH_HAS_RESPECT_HOOKS,
+    _current_user_saved_tensors_hooks,
+)
 
 __all__ = ["CheckpointPolicy", "SelectiveCheckpointContext", "create_selective_checkpoint_contexts"]
 
@@ -37,18 +50,6 @@ _OFFLOAD = frozenset(
 )
 
 
-def _ignored_ops() -> frozenset:
-    # Checkpointing inserts a different number of detaches in the forward and the
-    # recomputation, and the determinism check runs extra metadata ops: caching any of
-    # them would shift the per-operator call counters.
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return frozenset(
-        {torch.ops.aten.detach.default, torch.ops.prim.device.default, *FunctionalTensor.metadata_fns}
-    )
-
-
-_IGNORED_OPS = _ignored_ops()
 _RECOMPUTE = object()
 _CONSUMED = object()
 # Lists collecting every forward mode created while a `_observe_caches()` block is open.
@@ -77,16 +78,25 @@ def _detach_keeping_version(x: Any) -> Any:
 
 
 class _Cached:
-    """One cached operator output: kept as is, or offloaded to CPU."""
+    """One cached operator output: kept as is, offloaded to CPU, or packed by the user's
+    saved-tensors hooks (``hooks``: ``respect_saved_tensors_hooks=True``)."""
 
-    __slots__ = ("value", "version", "device", "offload", "stand_in")
+    __slots__ = ("value", "version", "device", "offload", "stand_in", "unpack")
 
-    def __init__(self, value: torch.Tensor, offload: bool, stand_in: bool = False) -> None:
+    def __init__(self, value: torch.Tensor, offload: bool, hooks: tuple | None = None, stand_in: bool = False) -> None:
         # stand_in: cached only because a saved `checkpoint_name` copies this output (see
         # `_SaveMode._serve_name`); if it changes in place, recomputing it is still right.
         self.stand_in = stand_in
         self.device = None
         self.offload = offload
+        self.unpack = None
+        if hooks is not None:
+            # Whatever the pack hook returns is opaque (save_on_cpu: a device and a CPU
+            # copy): no version to check, as in torch.
+            self.value = hooks[0](_detach_keeping_version(value))
+            self.unpack = hooks[1]
+            self.version = None
+            return
         if offload and value.device.type != "cpu":
             self.device = value.device
             host = torch.empty_strided(
@@ -101,6 +111,8 @@ class _Cached:
         self.value = value
 
     def get(self, func, allow_mutation: bool) -> torch.Tensor:
+        if self.unpack is not None:
+            return self.unpack(self.value)
         if self.device is not None:
             return self.value.to(self.device, non_blocking=True)
         if self.version is not None and not allow_mutation and self.value._version != self.version:
@@ -145,6 +157,9 @@ class _SaveMode(TorchDispatchMode):
         self.policy_fn = policy_fn
         self.storage = storage
         self.ac_graph_id = ac_graph_id  # set by torch's checkpoint HOP under torch.compile
+        # Set by checkpoint after construction (torch's protocol): route the cache through
+        # the user's saved_tensors_hooks (True), not (False), not and warn on 2.14+ (None).
+        self.respect_saved_tensors_hooks: bool | None = None
         self.calls: dict = defaultdict(int)
         # Storage pointer -> (op, call index, layout) of the outputs that own their storage,
         # so a saved name can be served by the output it copies (see `_serve_name`).
@@ -165,7 +180,7 @@ class _SaveMode(TorchDispatchMode):
         if tracing:
             fx_traceback.current_meta["ac_graph_id"] = self.ac_graph_id
             fx_traceback.current_meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
-        if func in _IGNORED_OPS:
+        if func in SAC_IGNORED_OPS:
             return func(*args, **kwargs)
         graph = None
         if tracing:
@@ -185,7 +200,10 @@ class _SaveMode(TorchDispatchMode):
             for node in list(graph.nodes)[before:]:
                 node.meta["recompute"] = policy
         if tracing or policy in _SAVE:
-            self.storage[func][index] = tree_map(lambda x: _Cached(x, False) if isinstance(x, torch.Tensor) else x, out)
+            hooks = None if tracing else self._user_hooks()
+            self.storage[func][index] = tree_map(
+                lambda x: _Cached(x, False, hooks) if isinstance(x, torch.Tensor) else x, out
+            )
         elif policy in _OFFLOAD:
             self.storage[func][index] = tree_map(lambda x: _Cached(x, True) if isinstance(x, torch.Tensor) else x, out)
         else:
@@ -225,6 +243,23 @@ class _SaveMode(TorchDispatchMode):
             entries[index_in] = _Cached(base, offload, stand_in=True)
         self.storage[func][index] = _RECOMPUTE
 
+    def _user_hooks(self) -> tuple | None:
+        """The user's saved-tensors hooks the cache must go through, or None."""
+        hooks = _current_user_saved_tensors_hooks()
+        if hooks is None:
+            return None
+        if self.respect_saved_tensors_hooks is None and TORCH_HAS_RESPECT_HOOKS:
+            warnings.warn(
+                "A saved_tensors_hooks context (e.g. save_on_cpu) is active around a selective "
+                "activation checkpoint region. Tensors that SAC saves currently bypass these "
+                "hooks, but a future release will route them through the hooks like any other "
+                "saved tensor. Silence this warning and choose the behavior explicitly by "
+                "passing respect_saved_tensors_hooks=True|False to ckpt_compile.checkpoint.",
+                FutureWarning,
+                stacklevel=3,
+            )
+        return hooks if self.respect_saved_tensors_hooks else None
+
 
 def _aliases(ptr: int, args: tuple) -> bool:
     # Alias-returning ops take the aliased tensor as a direct argument.
@@ -252,6 +287,7 @@ def _is_name_op(func) -> bool:
     return getattr(func, "namespace", None) == "ckpt_compile" and func.__name__ == "checkpoint_name.default"
 
 
+
 @contextlib.contextmanager
 def _observe_caches() -> Iterator[list]:
     """Collect the forward mode of every selective region created inside the block, so
@@ -271,9 +307,13 @@ def _cached_storages(forward_mode: _SaveMode) -> dict[int, int]:
     for entries in forward_mode.storage.values():
         for entry in entries.values():
             for leaf in torch.utils._pytree.tree_leaves(entry):
-                if isinstance(leaf, _Cached):
-                    storage = leaf.value.untyped_storage()
-                    found[storage.data_ptr()] = storage.nbytes()
+                if not isinstance(leaf, _Cached):
+                    continue
+                # A value packed by user hooks may be a container (save_on_cpu: a tuple).
+                for tensor in torch.utils._pytree.tree_leaves(leaf.value):
+                    if isinstance(tensor, torch.Tensor):
+                        storage = tensor.untyped_storage()
+                        found[storage.data_ptr()] = storage.nbytes()
     return found
 
 
@@ -296,7 +336,7 @@ class _ReplayMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _IGNORED_OPS:
+        if func in SAC_IGNORED_OPS:
             return func(*args, **kwargs)
         index = self.calls[func]
         self.calls[func] += 1
