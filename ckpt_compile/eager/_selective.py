@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import CheckpointPolicy
 
+from ckpt_compile.eager._named_values import aliases, is_name_op, names_exist, storage_ptr
 from ckpt_compile.eager._torch_api import (
     SAC_IGNORED_OPS,
     TORCH_HAS_RESPECT_HOOKS,
@@ -165,7 +166,7 @@ class _SaveMode(TorchDispatchMode):
         # so a saved name can be served by the output it copies (see `_serve_name`).
         # None while `checkpoint_name` does not exist (ckpt_compile.policies never
         # imported): no value can be named, so no per-op bookkeeping.
-        self.producers: dict[int, tuple] | None = {} if _names_exist() else None
+        self.producers: dict[int, tuple] | None = {} if names_exist() else None
         for observer in _OBSERVERS:
             observer.append(self)
 
@@ -209,9 +210,9 @@ class _SaveMode(TorchDispatchMode):
         else:
             self.storage[func][index] = _RECOMPUTE
         if not tracing and self.producers is not None:
-            if _is_name_op(func) and (policy in _SAVE or policy in _OFFLOAD):
+            if is_name_op(func) and (policy in _SAVE or policy in _OFFLOAD):
                 self._serve_name(func, index, args[0], policy in _OFFLOAD)
-            elif not func.is_view and (ptr := _storage_ptr(out)) and not _aliases(ptr, args):
+            elif not func.is_view and (ptr := storage_ptr(out)) and not aliases(ptr, args):
                 # Metadata only (no reference: the output may be freed). An op returning an
                 # alias of its input without being marked a view (`_unsafe_view`, in-place
                 # ops) does not replace the storage's producer.
@@ -228,7 +229,7 @@ class _SaveMode(TorchDispatchMode):
         # through a view of all of it (a linear layer on 3-d input ends in a reshape); a
         # view of part of a storage, or a multi-output op, is left alone (caching its
         # producer would keep more bytes alive than the copy).
-        ptr = _storage_ptr(value)
+        ptr = storage_ptr(value)
         if not ptr or ptr not in self.producers:
             return
         func_in, index_in, size, stride, offset, dtype, nbytes = self.producers[ptr]
@@ -259,33 +260,6 @@ class _SaveMode(TorchDispatchMode):
                 stacklevel=3,
             )
         return hooks if self.respect_saved_tensors_hooks else None
-
-
-def _aliases(ptr: int, args: tuple) -> bool:
-    # Alias-returning ops take the aliased tensor as a direct argument.
-    return any(type(a) is torch.Tensor and _storage_ptr(a) == ptr for a in args)
-
-
-def _storage_ptr(x: Any) -> int:
-    """Data pointer of a dense tensor's storage; 0 for anything else (fake, meta, functional
-    or batched tensors under tracing, empty tensors, non-tensors)."""
-    if type(x) is not torch.Tensor or x.is_meta or not x.numel():
-        return 0
-    try:
-        return x.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return 0
-
-
-def _names_exist() -> bool:
-    return hasattr(torch.ops.ckpt_compile, "checkpoint_name")
-
-
-def _is_name_op(func) -> bool:
-    # ckpt_compile.policies.checkpoint_name's operator, matched by name: the engine imports
-    # nothing above it.
-    return getattr(func, "namespace", None) == "ckpt_compile" and func.__name__ == "checkpoint_name.default"
-
 
 
 @contextlib.contextmanager
