@@ -49,6 +49,7 @@ _LAZY = {
     "offload_wrapper": "ckpt_compile.modules.wrappers",
     "apply_activation_checkpointing": "ckpt_compile.modules.wrappers",
     "backend": "ckpt_compile.compile._backend",
+    "backend_with": "ckpt_compile.compile._configured",
     "explain": "ckpt_compile.compile._explain",
     "Report": "ckpt_compile.diagnostics._report",
     "write_picture": "ckpt_compile.diagnostics._picture",
