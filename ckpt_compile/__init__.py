@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import importlib
 
+# The package's version: pyproject.toml reads it from here (one source of truth).
+__version__ = "0.1.0"
+
 from ckpt_compile.eager._checkpoint import checkpoint, checkpoint_sequential
 from ckpt_compile.eager._common import (
     CheckpointError,

@@ -187,3 +187,14 @@ def test_verdict_is_computed_from_the_figures():
         'backend="ckpt" against torch.compile + torch.utils.checkpoint: 0.76x the saved activations, 1.00x the '
         "step time, 0.50x the compile time",
     ]
+
+
+def test_version_is_the_installed_distributions(tmp_path):
+    # One source of truth: pyproject.toml reads ckpt_compile.__version__ (setuptools dynamic).
+    import importlib.metadata
+
+    import ckpt_compile as cc
+
+    assert cc.__version__ == importlib.metadata.version("ckpt-compile")
+    result = _run("--version", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, f"ckpt_compile {cc.__version__}\n")
