@@ -175,7 +175,9 @@ def test_verdict_is_computed_from_the_figures():
     from ckpt_compile.cli._demo import verdict
 
     def row(saved, step, first=1.0, loss=1.0):
-        return {"saved_bytes": saved, "step_s": step, "first_s": first, "loss": loss}
+        # warm steps alternate fast and slow (load): the ratio is the median of per-step ratios
+        times = [first, step, 2 * step, step]
+        return {"saved_bytes": saved, "step_s": step, "times": times, "first_s": first, "loss": loss}
 
     lines = verdict([row(100, 1.0), row(5, 1.5)], [row(200, 1.0, 10.0), row(50, 1.2, 10.0), row(38, 1.2, 5.0)])
     assert lines == [
@@ -198,3 +200,15 @@ def test_version_is_the_installed_distributions(tmp_path):
     assert cc.__version__ == importlib.metadata.version("ckpt-compile")
     result = _run("--version", cwd=tmp_path)
     assert (result.returncode, result.stdout) == (0, f"ckpt_compile {cc.__version__}\n")
+
+
+def test_verdict_step_ratio_compares_steps_run_back_to_back():
+    from ckpt_compile.cli._demo import verdict
+
+    def row(times):
+        return {"saved_bytes": 100, "step_s": sorted(times[1:])[1], "times": times, "first_s": 1.0, "loss": 1.0}
+
+    # Load came and went: steps 2 and 3 were slow for both variants. Per-step ratios
+    # (1.5, 1.5, 0.5) say 1.5x; a ratio of medians (1.5 / 3) would say 0.5x.
+    base, ours = row([1.0, 1.0, 3.0, 3.0]), row([1.0, 1.5, 4.5, 1.5])
+    assert "at 1.50x the step time" in verdict([base, ours], [base, base, base])[0]
