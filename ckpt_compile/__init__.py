@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import importlib
 
+# The package's version: pyproject.toml reads it from here (one source of truth).
+__version__ = "0.1.0"
+
 from ckpt_compile.eager._checkpoint import checkpoint, checkpoint_sequential
 from ckpt_compile.eager._common import (
     CheckpointError,
@@ -51,6 +54,7 @@ _LAZY = {
     "offload_wrapper": "ckpt_compile.modules.wrappers",
     "apply_activation_checkpointing": "ckpt_compile.modules.wrappers",
     "backend": "ckpt_compile.compile._backend",
+    "backend_with": "ckpt_compile.compile._configured",
     "explain": "ckpt_compile.compile._explain",
     "Report": "ckpt_compile.diagnostics._report",
     "write_picture": "ckpt_compile.diagnostics._picture",

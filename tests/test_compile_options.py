@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -89,10 +90,122 @@ def test_backend_rejects_mode_and_bad_options_before_compiling():
         cc.backend(gm, [torch.randn(2)], options={"fullgraph": True})
 
 
-def test_torch_compile_reports_bad_options():
-    f = torch.compile(torch.sin, backend="ckpt", options={"memory_budget": 0})
-    with pytest.raises(Exception, match="memory_budget"):
+VALID = ("Valid options: memory_budget (float in (0, 1], default 1.0), inner ('inductor' or 'eager', "
+         "default 'inductor'), report (False, True, or a path to write JSON, default False).")
+
+
+def test_torch_compile_bad_option_is_our_value_error(monkeypatch):
+    # torch.compile wraps a backend's exceptions in BackendCompilerFailed ("backend='ckpt'
+    # raised:" on the first line, not a ValueError): ours must come through as they are.
+    monkeypatch.setattr(_backend, "_compile_eager", _no_compile)
+    torch._dynamo.reset()
+    f = torch.compile(torch.sin, backend="ckpt", options={"memory_budget": 0, "inner": "eager"})
+    with pytest.raises(ValueError) as e:
         f(torch.randn(3))
+    assert str(e.value).splitlines()[0] == f"backend=\"ckpt\": option 'memory_budget' must be in (0, 1], got 0.0. {VALID}"
+    assert isinstance(e.value, torch._dynamo.exc.BackendCompilerFailed)  # what torch users catch still works
+    torch._dynamo.reset()
+
+
+def _no_compile(*args, **kwargs):
+    raise AssertionError("compiled although the options were bad")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"memory_budget": 2}, "option 'memory_budget' must be in (0, 1], got 2.0"),
+    ({"inner": "aot_eager"}, "option 'inner' must be one of ('inductor', 'eager'), got 'aot_eager'"),
+    ({"budget": 0.5}, "unknown option 'budget'"),
+    ({"report": "{tmp}"}, "option 'report' must be a file path (JSON is written there), got the folder '{tmp}'"),
+    ({"report": "{tmp}/missing/r.json"},
+     "option 'report' is '{tmp}/missing/r.json', but its folder '{tmp}/missing' does not exist; "
+     "pass a file path in an existing folder"),
+    ({"report": "{tmp}/a_file/r.json"},
+     "option 'report' is '{tmp}/a_file/r.json', but its folder '{tmp}/a_file' is not a folder; "
+     "pass a file path in an existing folder"),
+])
+def test_backend_with_validates_where_it_is_written(tmp_path, options, message):
+    (tmp_path / "a_file").write_text("")
+    options = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in options.items()}
+    with pytest.raises(ValueError) as e:
+        cc.backend_with(**options)
+    assert str(e.value) == f'backend="ckpt": {message.format(tmp=tmp_path)}. {VALID}'
+
+
+def test_bad_report_folder_fails_before_compiling(tmp_path, monkeypatch):
+    monkeypatch.setattr(_backend, "_compile_eager", _no_compile)
+    torch._dynamo.reset()
+    path = str(tmp_path / "missing" / "r.json")
+    f = torch.compile(torch.sin, backend="ckpt", options={"report": path, "inner": "eager"})
+    with pytest.raises(ValueError, match=r"option 'report' is .*r.json', but its folder .* does not exist"):
+        f(torch.randn(3, requires_grad=True))
+    torch._dynamo.reset()
+
+
+def test_backend_with_compiles_like_the_string_form(tmp_path):
+    lin = torch.nn.Linear(4, 4)
+
+    def f(x):
+        return cc.checkpoint(lambda t: lin(t).relu().sin(), x, use_reentrant=False).sum()
+
+    configured = cc.backend_with(inner="eager", report=str(tmp_path / "r.json"))
+    assert configured == cc.backend_with(inner="eager", report=str(tmp_path / "r.json"))
+    assert repr(configured) == f"backend_with(memory_budget=1.0, inner='eager', report={str(tmp_path / 'r.json')!r})"
+    x = torch.randn(3, 4, requires_grad=True)
+    torch._dynamo.reset()
+    torch.compile(f, backend=configured, fullgraph=True)(x).backward()
+    want = torch.autograd.grad(f(x), x)[0]
+    assert torch.equal(x.grad, want)
+    assert cc.Report.read(tmp_path / "r.json").saved_bytes == 0  # the region saves nothing
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=r"^backend_with\(...\) already holds the options; torch.compile\(options="):
+        torch.compile(f, backend=configured, options={"inner": "eager"})(x)
+    torch._dynamo.reset()
+
+
+def _net_with_region():
+    torch.manual_seed(0)
+    l1, l2 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def f(x):
+        h = cc.checkpoint(lambda t: l2(l1(t).relu()).relu(), x, use_reentrant=False)
+        return (h * h).sum()
+
+    return f
+
+
+def test_infeasible_budget_is_our_value_error():
+    torch._dynamo.reset()
+    f = torch.compile(_net_with_region(), backend="ckpt", options={"memory_budget": 0.01, "inner": "eager"})
+    with pytest.raises(ValueError) as e:
+        f(torch.randn(32, 64))
+    first = str(e.value).splitlines()[0]
+    assert first.startswith('backend="ckpt": options memory_budget=0.01 is infeasible for this graph')
+    assert re.search(r"Use memory_budget >= 0\.\d+\.$", first), first
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_report_true_is_shown_without_logging_setup(capsys, caplog, configured):
+    import logging
+
+    f = _net_with_region()
+    log = logging.getLogger("ckpt_compile")
+    torch._dynamo.reset()
+    if configured:  # a user who set up logging gets the report there
+        caplog.set_level(logging.INFO, logger="ckpt_compile")
+        torch.compile(f, backend="ckpt", options={"report": True, "inner": "eager"})(torch.randn(32, 64))
+        assert 'backend="ckpt": 1 graph, 1 checkpoint region' in caplog.text
+        assert capsys.readouterr().err == ""
+    else:  # no handler anywhere (as in a plain script): stderr
+        propagate, log.propagate = log.propagate, False
+        try:
+            torch.compile(f, backend="ckpt", options={"report": True, "inner": "eager"})(torch.randn(32, 64))
+        finally:
+            log.propagate = propagate
+        err = capsys.readouterr().err
+        assert err.startswith('backend="ckpt": 1 graph, 1 checkpoint region, memory_budget 1.0\n')
+        assert "saved" in err.splitlines()[-1]
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------- registration
@@ -301,7 +414,8 @@ def test_partitioner_uuid_changes_with_policy_and_options():
 
 
 @pytest.mark.parametrize(
-    "name", ["ckpt_compile.compile._options", "ckpt_compile.compile._backend", "ckpt_compile.passes.recompute_tags"]
+    "name", ["ckpt_compile.compile._options", "ckpt_compile.compile._backend", "ckpt_compile.compile._configured",
+             "ckpt_compile.passes.recompute_tags"]
 )
 def test_docstring_examples(name):
     import doctest

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import pathlib
 import sys
 from typing import Any
@@ -24,11 +25,32 @@ class _UsageError(Exception):
     """A one-line error for the user (exit status 2)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (argparse prints the usage first): the same
+    shape and exit status 2 as every other error of this command line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 < value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=_PROG,
         description="Activation checkpointing for PyTorch: demos and diagnostics.",
     )
+    from ckpt_compile import __version__
+
+    parser.add_argument("--version", action="version", version=f"ckpt_compile {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo", help="train a small GPT-style model with and without checkpointing and compare",
@@ -37,12 +59,14 @@ def _parser() -> argparse.ArgumentParser:
         'torch.utils.checkpoint, backend="ckpt"); print side-by-side tables and write the '
         "report (JSON) and its picture (HTML) to a folder.",
     )
-    demo.add_argument("--steps", type=int, default=5, help="training steps per variant (default 5)")
+    demo.add_argument("--steps", type=int, default=5, help="training steps per variant, at least 2 (default 5)")
     demo.add_argument("--out", default=None, help="folder for report.json and report.html (default: a new temp folder)")
     # Sizes and the compiler, for tests and experiments (hidden from --help).
-    for flag, default in (("--blocks", 2), ("--d-model", 128), ("--seq", 64), ("--batch", 8), ("--heads", 4)):
+    for flag, default in (("--blocks", 2), ("--d-model", 128), ("--seq", 64), ("--batch", 4), ("--heads", 4)):
         demo.add_argument(flag, type=int, default=default, help=argparse.SUPPRESS)
-    demo.add_argument("--compiler", choices=("inductor", "eager"), default="inductor", help=argparse.SUPPRESS)
+    demo.add_argument("--compiler", choices=("eager", "inductor"), default="eager",
+                      help="eager (default): compiled graphs run without code generation, about a minute "
+                      "on 2 CPU cores; inductor: generated code, several minutes (cold compiles)")
     demo.add_argument("--skip-eager", action="store_true", help=argparse.SUPPRESS)
 
     explain = sub.add_parser(
@@ -52,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         "ckpt_compile.explain(model, *example_inputs).",
     )
     explain.add_argument("factory", metavar="module:factory")
-    explain.add_argument("--memory-budget", type=float, default=1.0, help="fraction in (0, 1] (default 1.0)")
+    explain.add_argument("--memory-budget", type=_budget, default=1.0, help="fraction in (0, 1] (default 1.0)")
     explain.add_argument("--inner", choices=("inductor", "eager"), default="inductor",
                          help="compile the partitioned graphs with inductor (default) or run them as they are")
     explain.add_argument("--out", default=None, help="also write report.json and report.html (the picture) here")
@@ -76,16 +100,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args) -> int:
-    for flag in ("steps", "blocks", "d_model", "seq", "batch", "heads"):
+    if args.steps < 2:  # step times are medians of the steps after the first
+        raise _UsageError(f"--steps must be at least 2, got {args.steps}")
+    for flag in ("blocks", "d_model", "seq", "batch", "heads"):
         if getattr(args, flag) < 1:
             raise _UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.d_model % args.heads:
         raise _UsageError(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+    out_dir = _out_folder(args.out)
     from ckpt_compile.cli._demo import run_demo
 
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen
 
-    run_demo(args.steps, out_dir=args.out, blocks=args.blocks, d_model=args.d_model, seq=args.seq,
+    run_demo(args.steps, out_dir=out_dir, blocks=args.blocks, d_model=args.d_model, seq=args.seq,
              batch=args.batch, heads=args.heads, compiler=args.compiler, eager=not args.skip_eager)
     return 0
 
@@ -95,19 +122,48 @@ def _explain(args) -> int:
 
     import ckpt_compile as cc
 
+    out_dir = _out_folder(args.out)  # before the compile, which may take minutes
     model, inputs = _call_factory(args.factory)
     try:
         report = cc.explain(model, *inputs, memory_budget=args.memory_budget, inner=args.inner)
-    except Exception as e:  # compile errors are long: the first line, and the type, say what failed
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise _UsageError(f"explain({args.factory}) failed: {type(e).__name__}: {first}") from e
+    except Exception as e:
+        raise _UsageError(f"explain({args.factory}) failed: {_first_line(e)}") from e
     print(json.dumps(report.to_dict(), indent=1, sort_keys=True) if args.json else report)
-    if args.out is not None:
+    if out_dir is not None:
         from ckpt_compile.compile._explain import write_report_files
 
-        for path in write_report_files(report, args.out):
+        for path in write_report_files(report, out_dir):
             print(f"wrote {path}")
     return 0
+
+
+def _first_line(error: Exception) -> str:
+    """What failed, in one line. Our own errors (``ValueError``: bad options, an infeasible
+    budget) are their message; anything else is named by its type. torch.compile wraps other
+    backend errors in ``BackendCompilerFailed``, whose first line only names the backend:
+    the error it wraps says what failed."""
+    if not isinstance(error, ValueError):
+        error = getattr(error, "inner_exception", None) or error
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if isinstance(error, ValueError) else f"{type(error).__name__}: {text}"
+
+
+def _out_folder(out: str | None) -> pathlib.Path | None:
+    """``--out``, created now: a path that cannot be a folder fails before the work."""
+    if out is None:
+        return None
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise _UsageError(f"--out {out!r} is a file; give a folder (created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _UsageError(f"--out {out!r}: cannot create the folder ({e.strerror}); "
+                          "give a folder path you can write to") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _UsageError(f"--out {out!r} is not writable; give a folder path you can write to")
+    return path
 
 
 def _call_factory(spec: str) -> tuple[Any, tuple]:

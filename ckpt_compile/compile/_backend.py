@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import pathlib
+import sys
 import types
 from typing import Any, Sequence
 
@@ -35,7 +36,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
-from ckpt_compile.compile._options import BackendOptions
+from ckpt_compile.compile._options import BackendOptions, BackendValueError
 
 __all__ = ["backend"]
 
@@ -56,13 +57,17 @@ def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, 
     True to log graph sizes and saved bytes on the ``"ckpt_compile"`` logger at INFO, or a
     path to write them as JSON). ``mode=`` is not supported: use ``options``.
     """
-    # 1. Options: validated once, here at the boundary.
-    if mode is not None:
-        raise ValueError(
-            f'backend="ckpt" does not take mode={mode!r}; pass options={{...}} instead '
-            "(memory_budget, inner, report)"
-        )
-    opts = BackendOptions.from_mapping(options)
+    # 1. Options: validated once, here at the boundary, before any compile work (with
+    #    backend_with(...) they were already checked when the user wrote them).
+    try:
+        if mode is not None:
+            raise ValueError(
+                f'backend="ckpt" does not take mode={mode!r}; pass options={{...}} instead '
+                "(memory_budget, inner, report)"
+            )
+        opts = BackendOptions.from_mapping(options)
+    except ValueError as e:
+        raise BackendValueError(str(e)) from None
     # 2. Capture already happened in Dynamo: regions are tag_activation_checkpoint nodes or
     #    annotate() metadata. Their fingerprint goes into inductor's cache key (node.meta
     #    is not part of it: NOTES "stale-cache trap").
@@ -79,6 +84,19 @@ def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, 
     if opts.report is not False and partitioner.reports:
         _emit_report(partitioner.reports, opts)
     return compiled
+
+
+def show_report(report) -> None:
+    """``report=True``: on the ``"ckpt_compile"`` logger at INFO when logging would show
+    it, else on stderr, so that asking for a report always shows one."""
+    if _logging_shows_info():
+        log.info("%s", report)
+    else:
+        print(report, file=sys.stderr)
+
+
+def _logging_shows_info() -> bool:
+    return log.isEnabledFor(logging.INFO) and log.hasHandlers()
 
 
 class _CkptPartitioner(CustomPartitionerFn):
@@ -149,7 +167,7 @@ def _raise_budget_error(error: ValueError, budget: float, no_checkpoint_bytes: i
     if not isinstance(too_small, BudgetTooSmall) or not no_checkpoint_bytes:
         raise error
     smallest = math.ceil(too_small.min_bytes / no_checkpoint_bytes * 1e4) / 1e4
-    raise ValueError(
+    raise BackendValueError(
         f'backend="ckpt": options memory_budget={budget} is infeasible for this graph: it must '
         f"save at least {too_small.min_bytes} bytes (checkpoint region boundaries and values "
         f"that may not be recomputed), {smallest} of the {no_checkpoint_bytes} bytes it saves "
@@ -316,6 +334,9 @@ def _emit_report(reports: list[dict[str, Any]], opts: BackendOptions) -> None:
 
     options = {"memory_budget": opts.memory_budget, "inner": opts.inner}
     if opts.report is True:
+        if not _logging_shows_info():
+            show_report(Report(tuple(reports), options))
+            return
         for report in reports:
             figures = {k: v for k, v in report.items() if k != "graph"}  # the picture's data stays out of logs
             log.info("backend='ckpt' partition: %s", json.dumps(figures, sort_keys=True))

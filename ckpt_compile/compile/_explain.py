@@ -71,7 +71,9 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
             )
         report = Report.read(path)
     if opts.report is True:
-        log.info("%s", report)
+        from ckpt_compile.compile._backend import show_report
+
+        show_report(report)
     elif opts.report:
         report.write(opts.report)
     return report

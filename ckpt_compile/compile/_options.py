@@ -18,6 +18,8 @@ import math
 import os
 from typing import Any, Mapping, Union
 
+from torch._dynamo.exc import BackendCompilerFailed
+
 _INNER_CHOICES = ("inductor", "eager")
 
 # One line per option, used verbatim in every validation error so a user sees all of them.
@@ -26,6 +28,24 @@ _VALID = (
     "inner ('inductor' or 'eager', default 'inductor'), "
     "report (False, True, or a path to write JSON, default False)"
 )
+
+
+class BackendValueError(BackendCompilerFailed, ValueError):
+    """A user's mistake found by ``backend="ckpt"`` (bad options, an infeasible budget),
+    raised so that ``torch.compile`` shows it as it is: our message on the first line, and
+    ``except ValueError`` catches it.
+
+    Dynamo wraps whatever a backend raises in ``BackendCompilerFailed`` ("backend='ckpt'
+    raised: ...", not a ``ValueError``) but re-raises a ``BackendCompilerFailed`` untouched
+    (``torch/_dynamo/output_graph.py``, ``call_user_compiler``); being both keeps
+    ``except BackendCompilerFailed`` working too.
+    """
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)
+        self.backend_name = "ckpt"
+        self.inner_exception = None
+        self.first_useful_frame = None  # nothing of Dynamo's to strip: the traceback is ours
 
 
 def _error(message: str) -> ValueError:
@@ -92,5 +112,20 @@ def _check_report(value: Any) -> Union[bool, str]:
         path = os.fspath(value)
         if not path:
             raise _error("option 'report' got an empty path")
+        _check_writable(path)
         return path
     raise _error(f"option 'report' must be a bool or a path, got {type(value).__name__} {value!r}")
+
+
+def _check_writable(path: str) -> None:
+    # Checked here, before the compile: a bad folder found only when the report is written
+    # would cost the user a whole (possibly minutes-long) compile.
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise _error(f"option 'report' must be a file path (JSON is written there), got the folder {path!r}")
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise _error(f"option 'report' is {path!r}, but its folder {folder!r} {what}; "
+                     "pass a file path in an existing folder")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise _error(f"option 'report' is {path!r}, which is not writable; pass a writable file path")
