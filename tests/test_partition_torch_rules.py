@@ -79,6 +79,11 @@ def test_marked_input_is_never_saved():
     assert "primals_2" not in [n.name for n in bw.graph.find_nodes(op="placeholder")]
     assert fw.meta["ckpt_plan"].saved_bytes == N * N * 4  # the clone's value (b + 1), once
     run_split(gm, fw, bw)
+    # torch's partitioner saves the same values on this graph.
+    gm = trace_mutation_joint()
+    gm.graph.find_nodes(op="placeholder")[1].meta["aot_runtime_epilogue_input_mutation"] = True
+    torch_fw, _ = min_cut_rematerialization_partition(gm, None, num_fwd_outputs=2)
+    assert saved_names(fw) == saved_names(torch_fw) == ["primals_1", "add"]
 
 
 def test_output_descriptors_mark_the_input_on_older_torch():
