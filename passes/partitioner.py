@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch.fx as fx
@@ -34,7 +35,6 @@ from .split import split, symbol_bindings
 
 # Keywords AOTAutograd and inductor pass to every partition function, and why we ignore them.
 IGNORED_KEYWORDS = {
-    "static_lifetime_input_indices": "every graph input costs nothing to save, parameter or not",
     "compiler": "the plan does not depend on the compiler that runs the graphs",
 }
 
@@ -45,6 +45,7 @@ def partition(
     *,
     num_fwd_outputs: int,
     memory_budget: float = 1.0,
+    static_lifetime_input_indices: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Split an AOTAutograd joint graph into forward and backward modules.
@@ -52,17 +53,21 @@ def partition(
     ``memory_budget=b`` in (0, 1]: the saved activation bytes stay at or under ``b`` times
     those saved at ``b=1`` (a ``ValueError`` names the smallest feasible budget otherwise),
     with the fewest recompute FLOPs the solver finds. ``joint_inputs`` is not read (the
-    graph's ``meta["val"]`` carries the shapes). AOTAutograd's own keywords
-    (:data:`IGNORED_KEYWORDS`) are accepted and ignored; any other keyword is a TypeError.
+    graph's ``meta["val"]`` carries the shapes). ``static_lifetime_input_indices`` (the
+    parameters, from AOTAutograd) does not change the plan (every graph input costs
+    nothing to save): it marks the forward inputs ``meta["is_static_input"]`` as torch's
+    partitioner does. AOTAutograd's other keywords (:data:`IGNORED_KEYWORDS`) are accepted
+    and ignored; any other keyword is a TypeError.
     """
     unknown = sorted(set(kwargs) - set(IGNORED_KEYWORDS))
     if unknown:
         raise TypeError(
             f"partition() got unexpected keyword argument(s) {unknown}; accepted: num_fwd_outputs, "
-            f"memory_budget, and AOTAutograd's {sorted(IGNORED_KEYWORDS)}"
+            f"memory_budget, static_lifetime_input_indices, and AOTAutograd's {sorted(IGNORED_KEYWORDS)}"
         )
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not 0 < memory_budget <= 1:
         raise ValueError(f"partition(memory_budget=...) must be a number in (0, 1], got {memory_budget!r}")
+    _mark_static_inputs(joint_module.graph, static_lifetime_input_indices or ())
     info = build_problem(joint_module, num_fwd_outputs=num_fwd_outputs)
     cut = _decide(info, float(memory_budget))
     plan = _make_plan(info, cut, joint_module.graph, float(memory_budget))
@@ -72,6 +77,25 @@ def partition(
     )
     fw_module.meta["ckpt_plan"] = bw_module.meta["ckpt_plan"] = plan
     return fw_module, bw_module
+
+
+def _mark_static_inputs(graph: fx.Graph, static_indices: Sequence[int]) -> None:
+    """``meta["is_static_input"]`` on every forward input, True for the parameters, as
+    torch's partitioner stamps it (2.15): inductor's backward compile reads it from the
+    backward's placeholders (which copy the meta), so a saved user input is not taken for
+    a fixed-address one (cudagraphs, alignment). Set on the joint graph before the split,
+    while forward inputs still line up with the indices."""
+    static = set(static_indices)
+    inputs = [n for n in graph.find_nodes(op="placeholder") if _is_forward_input(n)]
+    for i, node in enumerate(inputs):
+        node.meta["is_static_input"] = i in static
+
+
+def _is_forward_input(node: fx.Node) -> bool:
+    # torch's _is_primal: every placeholder but tangents and RNG seeds (the BackwardState
+    # placeholder included).
+    name = str(node.target)
+    return not any(key in name for key in ("tangents", "bwd_seed", "bwd_base_offset", "fwd_seed", "fwd_base_offset"))
 
 
 def _decide(info: JointInfo, memory_budget: float) -> Cut:

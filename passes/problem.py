@@ -198,8 +198,36 @@ def _classify(node: fx.Node, in_region: bool) -> tuple[str | None, bool]:
     return None, False
 
 
-def _save_weight(node: fx.Node, nbytes: int) -> int | None:
+def replayed_input_mutations(graph: fx.Graph) -> set[fx.Node]:
+    """Graph inputs whose in-place change AOTAutograd's runtime epilogue applies after the
+    forward returns (inputs that require grad, mutated out of the graph).
+
+    Saving such an input would hand the backward the mutated tensor (autograd's version
+    check then fails with "modified by an inplace operation"); the backward reads the
+    clone AOTAutograd made before the mutation instead. torch 2.15 marks these inputs
+    ``meta["aot_runtime_epilogue_input_mutation"]``; older releases do not, but say the
+    same in the joint graph's output descriptors: the forward returns the input's new
+    value (``InputMutationAOTOutput``) and the backward its gradient (``GradAOTOutput``).
+    """
+    marked = {n for n in graph.find_nodes(op="placeholder") if n.meta.get("aot_runtime_epilogue_input_mutation", False)}
+    try:
+        from torch._functorch._aot_autograd.descriptors import GradAOTOutput, InputMutationAOTOutput
+    except ImportError:  # no descriptors: only the mark can tell
+        return marked
+    descs = list(graph.output_node().meta.get("desc") or ())
+    mutated = {d.mutated_input for d in descs if isinstance(d, InputMutationAOTOutput)}
+    with_grad = {d.grad_of for d in descs if isinstance(d, GradAOTOutput)}
+    for node in graph.find_nodes(op="placeholder"):
+        desc = node.meta.get("desc")
+        if desc is not None and desc in mutated and desc in with_grad:
+            marked.add(node)
+    return marked
+
+
+def _save_weight(node: fx.Node, nbytes: int, never_saved: set[fx.Node]) -> int | None:
     policy = node.meta.get("recompute")
+    if node in never_saved:
+        return None  # an input mutated after the forward returns (replayed_input_mutations)
     if _is_input(node) or isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return 0  # parameters, graph inputs and SymInts cost nothing to save
     if policy == CheckpointPolicy.MUST_RECOMPUTE:
@@ -238,6 +266,7 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
     relevant = _ancestors(needed_nodes, stop=backward)
     nodes = tuple(n for n in graph.nodes if n in relevant)
     index = {n: i for i, n in enumerate(nodes)}
+    never_saved = replayed_input_mutations(graph)
 
     edges, nbytes, weights, costs = [], [], [], []
     must_save, soft_banned, reasons, offload, regions = set(), set(), {}, set(), {}
@@ -245,7 +274,7 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
         edges.extend((index[a], i) for a in node.all_input_nodes if a in index)
         size = 0 if _is_input(node) else value_nbytes(node.meta.get("val"))
         nbytes.append(size)
-        weights.append(_save_weight(node, size))
+        weights.append(_save_weight(node, size, never_saved))
         # Unclaimed values (not needed by the forward outputs) run once either way: free.
         costs.append(node_flops(node) if node in forward else 0)
         in_region = "recompute" in node.meta

@@ -79,8 +79,13 @@ def split(
     fw_graph, bw_graph = fx.Graph(), fx.Graph()
     fw_env: dict[fx.Node, fx.Node] = {}
     bw_env: dict[fx.Node, fx.Node] = {}
+    # AOTAutograd's backward calling convention: saved SymInts, saved tensors, tangents and
+    # backward seeds, then the BackwardState last (compiled autograd passes it there; it is
+    # a forward input too, so in graph order it would come before the tangents).
+    placeholders = graph.find_nodes(op="placeholder")
     bw_inputs = saved_syms + saved_tensors
-    bw_inputs += [n for n in graph.find_nodes(op="placeholder") if _is_backward_placeholder(n) or _is_backward_state(n)]
+    bw_inputs += [n for n in placeholders if _is_backward_placeholder(n)]
+    bw_inputs += [n for n in placeholders if _is_backward_state(n)]
     for node in bw_inputs:
         bw_env[node] = _placeholder(bw_graph, node, to_cpu=node in offload)
         if node in offload:  # back to the original device at the start of the backward
