@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import flop_registry
 
 __all__ = ["Option", "BlockMeasure", "Measurement", "measure", "options_for", "wrap"]
 
@@ -160,8 +160,12 @@ def measure(
     try:
         with fake_mode:
             fake_args, fake_kwargs = tree_map(lambda v: _fake(fake_mode, v), (args, kwargs))
+            # Fake parameters and buffers too: an in-place update in the forward (batch norm's
+            # running statistics) must not touch the user's model.
+            state = {name: fake_mode.from_tensor(t) for name, t in
+                     [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
             with _Counter() as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                model(*fake_args, **fake_kwargs)
+                torch.func.functional_call(model, state, fake_args, fake_kwargs, tie_weights=True, strict=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -260,6 +264,9 @@ def _run_option(recorder, module, option, args, kwargs, real_outputs):
         storages.append(t.untyped_storage())
         return t
 
+    # Fresh autograd roots on the same storages: the option's backward stays inside the block.
+    args, kwargs = tree_map(
+        lambda v: v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v, (args, kwargs))
     runner = wrap(module, option)
     with _Counter() as counter:
         with _Counter() as forward, _selective._observe_caches() as modes, \
@@ -330,31 +337,30 @@ class _Recorder:
 
 
 class _Counter(TorchDispatchMode):
-    """FLOPs (``torch.utils.flop_counter``) and output elements of the other ops."""
+    """FLOPs (``torch.utils.flop_counter``'s formulas, as ``FlopCounterMode`` counts them,
+    without its module tracker: that one's backward hooks reject ``autograd.grad`` on leaf
+    inputs) and the output elements of every other op."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.flops = 0
         self.elements = 0
         self.names: set[str] = set()  # given to cc.checkpoint_name
-        self._flops = FlopCounterMode(display=False)
-
-    @property
-    def flops(self) -> int:
-        return self._flops.get_total_flops()
-
-    def __enter__(self):
-        self._flops.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        return self._flops.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is _name_op():
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet not in flop_registry and func is not torch.ops.prim.device.default and func is not _name_op():
+            with self:  # as FlopCounterMode: count a composite op through its decomposition
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if packet in flop_registry:
+            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+        elif func is _name_op():
             self.names.add(args[1])
-        if func.overloadpacket not in flop_registry and func not in _FREE:
+        elif func not in _FREE:
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     self.elements += t.numel()
