@@ -178,6 +178,10 @@ def test_blocks_argument():
         cc.plan(model, x, memory_budget=0.5, blocks=nn.Conv2d)
     with pytest.raises(TypeError, match=r"plan\(blocks=\.\.\.\): expected an nn.Module class"):
         cc.plan(model, x, memory_budget=0.5, blocks="blocks")
+    unused = MLP()
+    unused.spare = Residual()  # a block the forward never calls
+    with pytest.raises(ValueError, match=r"blocks \['spare'\] never ran"):
+        cc.plan(unused, x, memory_budget=0.5, blocks=lambda m: m is unused.spare or m is unused.blocks[0])
     with pytest.raises(ValueError, match="found no repeated blocks"):
         cc.plan(nn.Linear(4, 4), torch.randn(2, 4), memory_budget=0.5)
 
