@@ -280,3 +280,22 @@ def test_cli_plan(tmp_path, capsys):
     assert main(["plan", factory, "--memory-budget", "lots"]) == 2
     assert "--memory-budget: expected a fraction" in capsys.readouterr().err
     assert (parse_budget("0.25"), parse_budget("4096"), parse_budget("1.5GiB"), parse_budget("2 MB")) == (0.25, 4096, 3 * 2**29, 2 * 10**6)
+
+
+def test_offload_is_chosen_only_when_nothing_else_fits(monkeypatch):
+    # Offload is an option on accelerators only; pretend the MLP is on one. Its cost (bytes
+    # moved, in FLOP-equivalents) is far above recompute, so it appears only below the
+    # smallest budget that checkpointing alone reaches, and its prediction holds.
+    from ckpt_compile.planner import _plan
+
+    model, (x,) = MODELS["mlp"]
+    with pytest.raises(ValueError, match="smallest feasible budget is") as info:
+        cc.plan(model, x, memory_budget=64)
+    without = int(str(info.value).split("smallest feasible budget is ")[1].split()[0])
+    monkeypatch.setattr(_plan, "_on_accelerator", lambda *a: True)
+    assert "offload" not in {r.choice for r in cc.plan(model, x, memory_budget=0.5).blocks}
+    plan = cc.plan(model, x, memory_budget=without - 1)
+    assert "offload" in {r.choice for r in plan.blocks}
+    planned = plan.apply(copy.deepcopy(model))
+    assert type(planned.blocks[[r.choice for r in plan.blocks].index("offload")]).__name__ == "OffloadWrapper"
+    assert cc.saved_tensor_bytes(lambda: planned(x)) == plan.predicted_saved_bytes <= without - 1

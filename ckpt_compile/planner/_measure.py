@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -271,7 +272,11 @@ def _run_option(recorder, module, option, args, kwargs, real_outputs):
     with _Counter() as counter:
         with _Counter() as forward, _selective._observe_caches() as modes, \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = runner(*args, **kwargs)
+            with warnings.catch_warnings():
+                # The offload hook asks storages for their address to spot parameters;
+                # fake storages have none (and none is needed: nothing is copied here).
+                warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+                out = runner(*args, **kwargs)
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         # The same tensor as the real call's output, so it gets the same key (before any
         # saved storage is keyed: the block may save its own output).

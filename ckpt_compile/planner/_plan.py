@@ -159,10 +159,16 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int, blo
     Per block the plan chooses no checkpoint, full checkpoint, a selective policy
     (``policies.save_matmuls``, ``save_matmuls_without_batch_dims``, and
     ``save_only_these_names`` for names the block marks with ``cc.checkpoint_name``), or,
-    for models on an accelerator, CPU offload (counted as 0 device bytes and 0 FLOPs; the
-    solver only picks it when nothing else fits, see ``_OFFLOAD``). The choice is exact: a
-    dynamic programme over the blocks minimising (recompute FLOPs, recomputed elementwise
-    outputs) subject to total saved bytes <= budget, bytes outside the blocks included.
+    for models on an accelerator, CPU offload: 0 device bytes (the budget is device memory;
+    what the block saves waits in host memory) and no recompute, but its transfers are
+    costed as FLOPs (``_OFFLOAD_FLOPS_PER_BYTE``), so the solver picks it only where
+    recomputation cannot reach the budget. The choice is exact: a dynamic programme over
+    the blocks minimising (recompute FLOPs, recomputed elementwise outputs) subject to total
+    saved bytes <= budget, bytes outside the blocks (embeddings, head) included. Not yet:
+    merging consecutive blocks into one checkpointed segment.
+
+    Hugging Face models: pass ``use_cache=False`` (or set it in the config), as for any
+    checkpointing: a KV cache changes between the calls the planner measures.
 
     Raises:
         TypeError / ValueError: a bad ``memory_budget`` or ``blocks``, or blocks that match
