@@ -299,3 +299,19 @@ def test_offload_is_chosen_only_when_nothing_else_fits(monkeypatch):
     planned = plan.apply(copy.deepcopy(model))
     assert type(planned.blocks[[r.choice for r in plan.blocks].index("offload")]).__name__ == "OffloadWrapper"
     assert cc.saved_tensor_bytes(lambda: planned(x)) == plan.predicted_saved_bytes <= without - 1
+
+
+def test_a_block_with_state_between_calls_gets_a_clear_error():
+    class Stateful(nn.Module):  # like a KV cache: each call reads the previous call's output
+        def __init__(self):
+            super().__init__()
+            self.lin, self.prev = nn.Linear(8, 8), None
+
+        def forward(self, x):
+            out = self.lin(x).tanh() + (self.prev if self.prev is not None else 0)
+            self.prev = out
+            return out
+
+    model = nn.Sequential(Stateful(), Stateful())
+    with pytest.raises(RuntimeError, match=r"measuring block '0' \(Stateful\) failed: .*use_cache=False"):
+        cc.plan(model, torch.randn(4, 8, requires_grad=True), memory_budget=0.5)

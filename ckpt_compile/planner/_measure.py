@@ -141,6 +141,14 @@ def measure(
         recorder.busy = True
         try:
             found.append(_measure_block(recorder, name, module, hook_args, hook_kwargs, output, options))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise RuntimeError(
+                f"ckpt_compile.plan: measuring block {name!r} ({type(module).__name__}) failed: "
+                f"{type(e).__name__}: {first} The planner calls each block again on the same inputs; "
+                f"a block that keeps state between calls breaks that (Hugging Face models: pass "
+                f"use_cache=False)."
+            ) from e
         finally:
             recorder.busy = False
         return None
