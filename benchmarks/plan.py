@@ -168,7 +168,7 @@ def ckptplan_row(model, ids, budget_bytes):
         return (plan, seconds), None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return None, f"{type(e).__name__}: {first[:110]}"
+        return None, f"{type(e).__name__}: {first.split(';')[0]}"
 
 
 # ---------------------------------------------------------------- main
@@ -205,16 +205,11 @@ def main(argv=None) -> int:
         rows.append(row)
 
         uniform = None
-        for k in range(args.blocks, 0, -1):  # fewest checkpointed blocks first
-            for stride in range(args.blocks, 0, -1):
-                chosen = list(range(stride - 1, args.blocks, stride))
-                if len(chosen) != k:
-                    continue
-                trial = checkpoint_blocks(copy.deepcopy(base), chosen)
-                if cc.saved_tensor_bytes(lambda: trial(ids)) <= limit:
-                    uniform = (trial, stride, chosen)
-                    break
-            if uniform:
+        for stride in range(args.blocks, 0, -1):  # every k-th block, fewest blocks first
+            chosen = list(range(stride - 1, args.blocks, stride))
+            trial = checkpoint_blocks(copy.deepcopy(base), chosen)
+            if cc.saved_tensor_bytes(lambda: trial(ids)) <= limit:
+                uniform = (trial, stride, chosen)
                 break
         if uniform is None:
             trial = checkpoint_blocks(copy.deepcopy(base), range(args.blocks))
