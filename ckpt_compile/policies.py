@@ -251,6 +251,11 @@ def save_ops(*ops, every: int = 1) -> Policy:
 
     ``ops`` are ``OpOverload`` (``torch.ops.aten.mm.default``) or ``OpOverloadPacket``
     (``torch.ops.aten.mm``: all its overloads).
+
+    >>> import torch
+    >>> every_other = save_ops(torch.ops.aten.mm.default, every=2)
+    >>> [every_other(None, torch.ops.aten.mm.default).name for _ in range(3)]  # called directly
+    ['MUST_SAVE', 'PREFER_RECOMPUTE', 'MUST_SAVE']
     """
     overloads, packets = set(), set()
     for op in ops:
@@ -303,7 +308,13 @@ def save_from_both(p: Policy, q: Policy) -> Policy:
     """Save what either policy saves (JAX's ``save_from_both_policies``): save beats
     offload beats recompute, and the result is ``MUST_*`` when a policy that chose that
     kind said ``MUST``. Both policies are asked about every operator, so counting
-    policies such as :func:`save_ops` keep their count."""
+    policies such as :func:`save_ops` keep their count.
+
+    >>> import torch
+    >>> both = save_from_both(save_matmuls, save_only_these_names("attn"))
+    >>> both(None, torch.ops.aten.mm.default).name, both(None, torch.ops.aten.sin.default).name
+    ('MUST_SAVE', 'PREFER_RECOMPUTE')
+    """
     for which in (p, q):
         if not callable(which):
             raise TypeError(f"policies.save_from_both(p, q): policies must be callable, got {which!r}")

@@ -10,6 +10,10 @@ Unlike PyTorch 2.13, which treats ``MUST_CPU_OFFLOAD`` / ``PREFER_CPU_OFFLOAD`` 
 recompute in eager mode, we really offload: the output is copied to CPU (pinned memory when
 it lives on CUDA) in the forward and copied back to its device when the recomputation
 needs it, so the operator is not rerun.
+
+A value named with ``cc.checkpoint_name`` and saved (or offloaded) by the policy is cached in
+its producer's place, so the producer is not recomputed only to be named again (PyTorch's
+engine caches the name's copy and reruns the producer).
 """
 from __future__ import annotations
 
@@ -75,9 +79,12 @@ def _detach_keeping_version(x: Any) -> Any:
 class _Cached:
     """One cached operator output: kept as is, or offloaded to CPU."""
 
-    __slots__ = ("value", "version", "device")
+    __slots__ = ("value", "version", "device", "stand_in")
 
-    def __init__(self, value: torch.Tensor, offload: bool) -> None:
+    def __init__(self, value: torch.Tensor, offload: bool, stand_in: bool = False) -> None:
+        # stand_in: cached only because a saved `checkpoint_name` copies this output (see
+        # `_SaveMode._serve_name`); if it changes in place, recomputing it is still right.
+        self.stand_in = stand_in
         self.device = None
         if offload and value.device.type != "cpu":
             self.device = value.device
@@ -138,8 +145,18 @@ class _SaveMode(TorchDispatchMode):
         self.storage = storage
         self.ac_graph_id = ac_graph_id  # set by torch's checkpoint HOP under torch.compile
         self.calls: dict = defaultdict(int)
+        # Storage pointer -> (op, call index, layout) of the outputs that own their storage,
+        # so a saved name can be served by the output it copies (see `_serve_name`).
+        # None while `checkpoint_name` does not exist (ckpt_compile.policies never
+        # imported): no value can be named, so no per-op bookkeeping.
+        self.producers: dict[int, tuple] | None = {} if _names_exist() else None
         for observer in _OBSERVERS:
             observer.append(self)
+
+    def __exit__(self, *exc):
+        if self.producers:
+            self.producers.clear()  # only the forward reads it; keep nothing until the backward
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -172,7 +189,66 @@ class _SaveMode(TorchDispatchMode):
             self.storage[func][index] = tree_map(lambda x: _Cached(x, True) if isinstance(x, torch.Tensor) else x, out)
         else:
             self.storage[func][index] = _RECOMPUTE
+        if not tracing and self.producers is not None:
+            if _is_name_op(func) and (policy in _SAVE or policy in _OFFLOAD):
+                self._serve_name(func, index, args[0], policy in _OFFLOAD)
+            elif not func.is_view and (ptr := _storage_ptr(out)) and not _aliases(ptr, args):
+                # Metadata only (no reference: the output may be freed). An op returning an
+                # alias of its input without being marked a view (`_unsafe_view`, in-place
+                # ops) does not replace the storage's producer.
+                self.producers[ptr] = (func, index, out.size(), out.stride(), out.storage_offset(),
+                                       out.dtype, out.untyped_storage().nbytes())
         return out
+
+    def _serve_name(self, func, index: int, value: torch.Tensor, offload: bool) -> None:
+        # `cc.checkpoint_name(x, name)` is a copy of x. The recomputation reruns the region,
+        # so caching only the copy would still recompute x's producer (an mm, say) just to
+        # copy it again: cache x itself in the producer's slot instead, and let the cheap
+        # copy rerun. Same bytes, and a saved name then saves its producer's work, as a
+        # compiled partitioner does by dead-code elimination. The name may see the output
+        # through a view of all of it (a linear layer on 3-d input ends in a reshape); a
+        # view of part of a storage, or a multi-output op, is left alone (caching its
+        # producer would keep more bytes alive than the copy).
+        ptr = _storage_ptr(value)
+        if not ptr or ptr not in self.producers:
+            return
+        func_in, index_in, size, stride, offset, dtype, nbytes = self.producers[ptr]
+        if dtype != value.dtype or nbytes != value.untyped_storage().nbytes() or size.numel() != value.numel():
+            return
+        entries = self.storage[func_in]
+        if entries.get(index_in) is _RECOMPUTE:
+            # Rebuilt as the producer's output; ADInplaceOrView on, so it shares the named
+            # value's version counter and a later in-place change is noticed.
+            with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False):
+                base = value.as_strided(size, stride, offset)
+            entries[index_in] = _Cached(base, offload, stand_in=True)
+        self.storage[func][index] = _RECOMPUTE
+
+
+def _aliases(ptr: int, args: tuple) -> bool:
+    # Alias-returning ops take the aliased tensor as a direct argument.
+    return any(type(a) is torch.Tensor and _storage_ptr(a) == ptr for a in args)
+
+
+def _storage_ptr(x: Any) -> int:
+    """Data pointer of a dense tensor's storage; 0 for anything else (fake, meta, functional
+    or batched tensors under tracing, empty tensors, non-tensors)."""
+    if type(x) is not torch.Tensor or x.is_meta or not x.numel():
+        return 0
+    try:
+        return x.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+def _names_exist() -> bool:
+    return hasattr(torch.ops.ckpt_compile, "checkpoint_name")
+
+
+def _is_name_op(func) -> bool:
+    # ckpt_compile.policies.checkpoint_name's operator, matched by name: the engine imports
+    # nothing above it.
+    return getattr(func, "namespace", None) == "ckpt_compile" and func.__name__ == "checkpoint_name.default"
 
 
 @contextlib.contextmanager
@@ -237,10 +313,16 @@ class _ReplayMode(TorchDispatchMode):
                 "Trying to backward an extra time. You are only allowed to backward once "
                 "on any region computed under selective activation checkpoint."
             )
-        if entry is _RECOMPUTE:
+        if entry is _RECOMPUTE or _mutated_stand_in(entry):
             return func(*args, **kwargs)
         entries[index] = _CONSUMED  # free the cache entry as soon as it is handed back
         return tree_map(lambda c: c.get(func, self.allow_mutation) if isinstance(c, _Cached) else c, entry)
+
+
+def _mutated_stand_in(entry: Any) -> bool:
+    return isinstance(entry, _Cached) and entry.stand_in and entry.version is not None and (
+        entry.value._version != entry.version
+    )
 
 
 def create_selective_checkpoint_contexts(policy_fn_or_list, allow_cache_entry_mutation: bool = False):
