@@ -60,6 +60,8 @@ _LAZY = {
     "write_picture": "ckpt_compile.diagnostics._picture",
     "saved_tensor_bytes": "ckpt_compile.diagnostics._graph_stats",
     "autograd_nodes": "ckpt_compile.diagnostics._graph_stats",
+    "plan": "ckpt_compile.planner._plan",
+    "CheckpointPlan": "ckpt_compile.planner._plan",
     "checkpoint_name": "ckpt_compile.policies",
 }
 

@@ -4,6 +4,8 @@
   compiled, print the tables, and write the report and its picture to a folder.
 - ``explain module:factory``: import ``factory`` (a function returning ``(model,
   example_inputs)``), print what ``backend="ckpt"`` saves and recomputes for it.
+- ``plan module:factory --memory-budget B``: print ``ckpt_compile.plan``'s per-block
+  choice for that model under a budget (a fraction, bytes, or ``2GiB``-style sizes).
 
 Errors (a bad ``module:factory``, a factory that raises, bad options) are one line on
 stderr with exit status 2, as argparse reports usage errors.
@@ -81,6 +83,19 @@ def _parser() -> argparse.ArgumentParser:
                          help="compile the partitioned graphs with inductor (default) or run them as they are")
     explain.add_argument("--out", default=None, help="also write report.json and report.html (the picture) here")
     explain.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+    plan = sub.add_parser(
+        "plan", help="choose what to checkpoint per block to fit a memory budget",
+        description="Import FACTORY (module:function or path/to/file.py:function), call it with "
+        "no arguments; it returns (model, example_inputs). Prints the plan of "
+        "ckpt_compile.plan(model, *example_inputs, memory_budget=B): per block, no checkpoint, "
+        "full, a selective policy or CPU offload, with the fewest recompute FLOPs that fit.",
+    )
+    plan.add_argument("factory", metavar="module:factory")
+    plan.add_argument("--memory-budget", required=True, metavar="B",
+                      help="a fraction in (0, 1] of the no-checkpoint activation bytes (0.25), "
+                      "bytes (1048576), or a size (512MiB, 2GiB, 1.5GB)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     return parser
 
 
@@ -93,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "plan":
+            return _plan(args)
         return _explain(args)
     except _UsageError as e:
         print(f"{_PROG} {args.command}: error: {e}", file=sys.stderr)
@@ -164,6 +181,49 @@ def _out_folder(out: str | None) -> pathlib.Path | None:
     if not os.access(path, os.W_OK | os.X_OK):
         raise _UsageError(f"--out {out!r} is not writable; give a folder path you can write to")
     return path
+
+
+_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
+
+
+def parse_budget(text: str) -> float | int:
+    """``"0.25"`` -> 0.25 (a fraction), ``"1048576"`` -> bytes, ``"2GiB"`` -> bytes."""
+    value = text.strip().lower().replace(" ", "")
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if value.endswith(unit) and value[: -len(unit)]:
+            number = value[: -len(unit)]
+            try:
+                return int(float(number) * _UNITS[unit])
+            except ValueError:
+                break
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        raise _UsageError(
+            f"--memory-budget: expected a fraction in (0, 1], bytes or a size such as 512MiB or 2GiB, got {text!r}"
+        ) from None
+
+
+def _plan(args) -> int:
+    import json
+
+    import ckpt_compile as cc
+
+    budget = parse_budget(args.memory_budget)
+    model, inputs = _call_factory(args.factory)
+    try:
+        plan = cc.plan(model, *inputs, memory_budget=budget)
+    except (TypeError, ValueError) as e:  # ours: already one line that names the fix
+        raise _UsageError(str(e)) from e
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise _UsageError(f"plan({args.factory}) failed: {type(e).__name__}: {first}") from e
+    print(json.dumps(plan.to_dict(), indent=1, sort_keys=True) if args.json else plan)
+    return 0
 
 
 def _call_factory(spec: str) -> tuple[Any, tuple]:

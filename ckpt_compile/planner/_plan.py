@@ -1,0 +1,298 @@
+"""``plan()`` and the plan it returns: measure, pose, solve, then a frozen ``CheckpointPlan``
+whose ``apply`` is a dumb loop over its rows.
+
+>>> import torch, ckpt_compile as cc
+>>> from torch import nn
+>>> class MLP(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.layers = nn.ModuleList(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+...                                     for _ in range(4))
+...     def forward(self, x):
+...         for layer in self.layers:
+...             x = x + layer(x)
+...         return x
+>>> model = MLP()
+>>> x = torch.randn(32, 64)
+>>> p = cc.plan(model, x, memory_budget=0.5)
+>>> p.predicted_saved_bytes <= 0.5 * p.baseline_saved_bytes
+True
+>>> model = p.apply(model)
+>>> cc.saved_tensor_bytes(lambda: model(x)) == p.predicted_saved_bytes
+True
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._measure import Option, measure, options_for, wrap
+from ._pose import pose, union_bytes
+from ._solve import Infeasible, solve
+
+__all__ = ["plan", "CheckpointPlan", "BlockChoice"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockChoice:
+    """What the plan does with one block. ``saved_bytes``: the storages this block's choice
+    saves (its input too when it saves it; a storage two blocks save appears in both rows
+    but once in the plan's total); ``no_checkpoint_bytes``: the same without checkpointing."""
+
+    name: str
+    cls: str
+    choice: str
+    kind: str
+    policy: str | None
+    policy_args: tuple[str, ...]
+    saved_bytes: int
+    no_checkpoint_bytes: int
+    recompute_flops: int
+    forward_flops: int
+
+    @property
+    def option(self) -> Option:
+        return Option(self.choice, self.kind, self.policy, self.policy_args)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPlan:
+    """The per-block decision of :func:`ckpt_compile.plan`, as plain data.
+
+    Bytes are saved-for-backward activation bytes of one forward of the whole model, as
+    :func:`ckpt_compile.saved_tensor_bytes` measures them (parameters a block saves count;
+    bytes offloaded to CPU do not: the budget is device memory). FLOPs are
+    ``torch.utils.flop_counter``'s.
+    """
+
+    blocks: tuple[BlockChoice, ...]
+    budget_bytes: int
+    baseline_saved_bytes: int
+    predicted_saved_bytes: int
+    predicted_recompute_flops: int
+    outside_saved_bytes: int
+    forward_flops: int
+    planning_seconds: float
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Apply the plan to ``model`` in place (the model it was planned on, or one built the
+        same way) and return it. Checkpointed blocks become ``CheckpointWrapper`` /
+        ``OffloadWrapper`` in their parent; parameter and state-dict names do not change."""
+        for row in self.blocks:
+            try:
+                module = model.get_submodule(row.name)
+            except AttributeError as e:
+                raise ValueError(f"CheckpointPlan.apply: the model has no submodule {row.name!r}; apply a plan to the model it was planned for") from e
+            from ckpt_compile.modules.wrappers import ActivationWrapper
+
+            if isinstance(module, ActivationWrapper):
+                raise ValueError(f"CheckpointPlan.apply: {row.name!r} is already a {type(module).__name__}; apply a plan once, to an unwrapped model")
+            if type(module).__name__ != row.cls:
+                raise ValueError(f"CheckpointPlan.apply: {row.name!r} is a {type(module).__name__}, the plan was made for a {row.cls}")
+        for row in self.blocks:
+            if row.kind == "none":
+                continue
+            parent_name, _, child = row.name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, wrap(model.get_submodule(row.name), row.option))
+        return model
+
+    def summary(self) -> str:
+        from ckpt_compile.diagnostics._graph_stats import format_bytes
+
+        counts = Counter(row.choice for row in self.blocks)
+        mix = ", ".join(f"{choice} x{n}" for choice, n in counts.most_common())
+        share = self.predicted_recompute_flops / self.forward_flops if self.forward_flops else 0.0
+        return (
+            f"saved {format_bytes(self.baseline_saved_bytes)} -> {format_bytes(self.predicted_saved_bytes)} "
+            f"(budget {format_bytes(self.budget_bytes)}), +{share:.0%} of the forward's FLOPs recomputed: {mix} "
+            f"(the fewest recompute FLOPs of all per-block choices that fit, planned in {self.planning_seconds:.2f} s)"
+        )
+
+    def __str__(self) -> str:
+        from ckpt_compile.diagnostics._graph_stats import format_bytes
+
+        header = ("block", "class", "choice", "saved", "no checkpoint", "recompute FLOPs")
+        rows = [(r.name, r.cls, r.choice, format_bytes(r.saved_bytes), format_bytes(r.no_checkpoint_bytes),
+                 f"{r.recompute_flops:,}") for r in self.blocks]
+        rows.append(("(outside blocks)", "", "", format_bytes(self.outside_saved_bytes), format_bytes(self.outside_saved_bytes), "0"))
+        rows.append(("total", "", "", format_bytes(self.predicted_saved_bytes), format_bytes(self.baseline_saved_bytes),
+                     f"{self.predicted_recompute_flops:,}"))
+        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+                 for row in [header, *rows]]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        return "\n".join(lines + [self.summary()])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: every field, blocks as a list of dicts, and ``summary``."""
+        out = dataclasses.asdict(self)
+        for row in out["blocks"]:
+            row["policy_args"] = list(row["policy_args"])
+        out["summary"] = self.summary()
+        return json.loads(json.dumps(out))
+
+
+def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int, blocks: Any = None,
+         **example_kwargs: Any) -> CheckpointPlan:
+    """The checkpoint plan with the fewest recompute FLOPs whose saved activations fit
+    ``memory_budget``, for ``model(*example_inputs, **example_kwargs)``.
+
+    Args:
+        model: the model; measured on fake tensors (no real compute; parameters may live on
+            ``device="meta"``). Unchanged: call ``.apply(model)`` on the returned plan.
+        memory_budget: a float in (0, 1]: that fraction of the bytes the model saves with no
+            checkpointing (``backend="ckpt"``'s meaning), or an int: bytes.
+        blocks: the submodules that may be checkpointed: an ``nn.Module`` class, a tuple of
+            classes, or a predicate ``module -> bool`` (outermost matches only). Default: the
+            repeated blocks, the same-class children of the model's largest
+            ``nn.ModuleList`` / ``nn.Sequential``.
+
+    Per block the plan chooses no checkpoint, full checkpoint, a selective policy
+    (``policies.save_matmuls``, ``save_matmuls_without_batch_dims``, and
+    ``save_only_these_names`` for names the block marks with ``cc.checkpoint_name``), or,
+    for models on an accelerator, CPU offload: 0 device bytes (the budget is device memory;
+    what the block saves waits in host memory) and no recompute, but its transfers are
+    costed as FLOPs (``_OFFLOAD_FLOPS_PER_BYTE``), so the solver picks it only where
+    recomputation cannot reach the budget. The choice is exact: a dynamic programme over
+    the blocks minimising (recompute FLOPs, recomputed elementwise outputs) subject to total
+    saved bytes <= budget, bytes outside the blocks (embeddings, head) included. Not yet:
+    merging consecutive blocks into one checkpointed segment.
+
+    Hugging Face models: pass ``use_cache=False`` (or set it in the config), as for any
+    checkpointing: a KV cache changes between the calls the planner measures.
+
+    Raises:
+        TypeError / ValueError: a bad ``memory_budget`` or ``blocks``, or blocks that match
+            nothing; ``ValueError`` naming the smallest feasible budget when none fits.
+    """
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"ckpt_compile.plan(model, ...): model must be an nn.Module, got {type(model).__name__}")
+    _check_budget(memory_budget)
+    found = find_blocks(model, blocks)
+    offload = _on_accelerator(model, example_inputs, example_kwargs)
+    measured = measure(model, example_inputs, example_kwargs, found, lambda names: options_for(names, offload))
+    saved = [b.saved for b in measured.blocks]
+    costs = [[_cost(b, a, measured.sizes, measured.outside) for a in range(len(b.options))] for b in measured.blocks]
+    table = pose(measured.sizes, measured.outside, saved, costs)
+    baseline = union_bytes(measured.sizes, measured.outside, [s[0] for s in saved])
+    budget = memory_budget if isinstance(memory_budget, int) else int(memory_budget * baseline)
+    try:
+        choice = solve(table, budget)
+    except Infeasible as e:
+        raise ValueError(
+            f"ckpt_compile.plan: memory_budget={memory_budget!r} allows {budget} bytes, but no plan saves "
+            f"that little; the smallest feasible budget is {e.smallest} bytes "
+            f"({e.smallest / baseline:.4f} of the {baseline} bytes saved with no checkpointing)"
+        ) from None
+    outside = measured.outside
+    rows = tuple(
+        BlockChoice(
+            name=b.name, cls=b.cls, choice=b.options[a].label, kind=b.options[a].kind,
+            policy=b.options[a].policy, policy_args=b.options[a].policy_args,
+            saved_bytes=sum(measured.sizes[k] for k in b.saved[a] - outside),
+            no_checkpoint_bytes=sum(measured.sizes[k] for k in b.saved[0] - outside),
+            recompute_flops=b.recompute_flops[a], forward_flops=b.forward_flops,
+        )
+        for b, a in zip(measured.blocks, choice.options)
+    )
+    return CheckpointPlan(
+        blocks=rows,
+        budget_bytes=budget,
+        baseline_saved_bytes=baseline,
+        predicted_saved_bytes=union_bytes(measured.sizes, outside, [s[a] for s, a in zip(saved, choice.options)]),
+        predicted_recompute_flops=sum(r.recompute_flops for r in rows),
+        outside_saved_bytes=sum(measured.sizes[k] for k in outside),
+        forward_flops=measured.forward_flops,
+        planning_seconds=time.perf_counter() - start,
+    )
+
+
+# CPU offload recomputes nothing but moves every byte it saves twice over the host link.
+# Its cost is counted as FLOPs at this many per byte moved (an accelerator doing ~400
+# TFLOP/s beside a ~25 GB/s host link: 16,000), so offload wins only when recompute
+# would cost more, usually only when nothing else fits the budget.
+_OFFLOAD_FLOPS_PER_BYTE = 16_000
+
+
+def _cost(block, a: int, sizes: dict[int, int], outside: frozenset[int]) -> tuple[int, int]:
+    """(recompute FLOPs, recomputed elementwise outputs): what the solver minimises."""
+    if block.options[a].kind == "offload":
+        moved = 2 * sum(sizes[k] for k in block.saved[0] - outside)  # about: parameters stay
+        return (moved * _OFFLOAD_FLOPS_PER_BYTE, 0)
+    return (block.recompute_flops[a], block.recompute_elements[a])
+
+
+def find_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of the candidate blocks, in ``named_modules`` order."""
+    if blocks is None:
+        return _repeated_blocks(model)
+    if isinstance(blocks, type) and issubclass(blocks, nn.Module):
+        match: Callable[[nn.Module], bool] = lambda m: isinstance(m, blocks)  # noqa: E731
+    elif isinstance(blocks, tuple) and blocks and all(isinstance(c, type) and issubclass(c, nn.Module) for c in blocks):
+        match = lambda m: isinstance(m, blocks)  # noqa: E731
+    elif callable(blocks) and not isinstance(blocks, type):
+        match = blocks
+    else:
+        raise TypeError(
+            f"ckpt_compile.plan(blocks=...): expected an nn.Module class, a tuple of classes or a "
+            f"predicate module -> bool, got {blocks!r}"
+        )
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(outer + ".") for outer, _ in found):
+            continue
+        if match(module):
+            found.append((name, module))
+    if not found:
+        raise ValueError(f"ckpt_compile.plan(blocks={blocks!r}): no submodule of the {type(model).__name__} matches")
+    return found
+
+
+def _repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    best: list[tuple[str, nn.Module]] = []
+    for name, container in model.named_modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(container.named_children())
+        classes = Counter(type(child) for _, child in children)
+        if not classes:
+            continue
+        cls, n = classes.most_common(1)[0]
+        if n >= 2 and n > len(best):
+            prefix = f"{name}." if name else ""
+            best = [(prefix + child_name, child) for child_name, child in children if type(child) is cls]
+    if not best:
+        raise ValueError(
+            f"ckpt_compile.plan: found no repeated blocks in the {type(model).__name__} (no nn.ModuleList or "
+            f"nn.Sequential with two or more children of one class); pass blocks=<a class, a tuple of classes or a predicate>"
+        )
+    return best
+
+
+def _check_budget(memory_budget: Any) -> None:
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+        raise TypeError(
+            f"ckpt_compile.plan: memory_budget must be a float in (0, 1] (a fraction of the no-checkpoint "
+            f"activation bytes) or an int (bytes), got {type(memory_budget).__name__} {memory_budget!r}"
+        )
+    if isinstance(memory_budget, float) and not 0.0 < memory_budget <= 1.0:
+        raise ValueError(f"ckpt_compile.plan: memory_budget as a fraction must be in (0, 1], got {memory_budget!r}; pass an int for bytes")
+    if isinstance(memory_budget, int) and memory_budget <= 0:
+        raise ValueError(f"ckpt_compile.plan: memory_budget in bytes must be positive, got {memory_budget!r}")
+
+
+def _on_accelerator(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Offload is an option only where device memory is not host memory."""
+    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    tensors += list(model.parameters())[:1]
+    return any(t.device.type not in ("cpu", "meta") for t in tensors)
