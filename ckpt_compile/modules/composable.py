@@ -120,7 +120,9 @@ def _close_stale_regions() -> None:
         if frame is not None:
             return  # still running: this call is nested in it, and so are those below
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        if top is None or getattr(top[0], "__self__", None) is not region.frame:
+        # The region's pack hook is its frame (or, before the engine made frames callable,
+        # a method of it).
+        if top is None or region.frame not in (top[0], getattr(top[0], "__self__", None)):
             raise RuntimeError(
                 "ckpt_compile.composable.checkpoint: a forward of a checkpointed module was "
                 "interrupted (e.g. by KeyboardInterrupt) and its region cannot be closed: other "
