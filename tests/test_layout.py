@@ -26,7 +26,7 @@ ALLOWED = {
     "cli": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "top"},
     "top": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "cli"},
 }
-SUBPACKAGES = ["eager", "modules", "compile", "diagnostics", "cli"]
+SUBPACKAGES = ["eager", "modules", "compile", "diagnostics", "cli", "planner"]
 
 
 def _modules() -> dict[str, pathlib.Path]:
