@@ -89,7 +89,7 @@ def partition(
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not 0 < memory_budget <= 1:
         raise ValueError(f"partition(memory_budget=...) must be a number in (0, 1], got {memory_budget!r}")
     info = build_problem(joint_module, num_fwd_outputs=num_fwd_outputs)
-    cut = rebuild_boundaries(info, _decide(info, float(memory_budget)))
+    cut = _decide(info, float(memory_budget))
     plan = _make_plan(info, cut, joint_module.graph, float(memory_budget))
     fw_module, bw_module = split(
         joint_module, saved=plan.saved, recomputed=plan.recomputed + plan.deferred, offloaded=plan.offloaded,
@@ -105,11 +105,13 @@ def _decide(info: JointInfo, memory_budget: float) -> Cut:
         cut = min_cut(problem)
     except InfeasibleCut as e:
         raise ValueError(_conflict_message(info, e.path)) from e
+    # Budgets are fractions of the b=1 plan as it is saved, boundaries rebuilt.
+    cut = rebuild_boundaries(info, cut)
     if memory_budget == 1.0:
         return cut
     full_bytes = plan_cost(problem, set(cut.recomputed))[0]
     try:
-        return budget_cut(problem, math.floor(memory_budget * full_bytes))
+        return rebuild_boundaries(info, budget_cut(problem, math.floor(memory_budget * full_bytes)))
     except BudgetTooSmall as e:
         smallest = math.ceil(e.min_bytes / full_bytes * 1e4) / 1e4
         raise ValueError(

@@ -35,9 +35,9 @@ What this pass adds on top, so that compiled checkpointing behaves like eager (i
   (``ckpt_compile.passes.saving``).
 - **Random ops stay exact.** (Attention kernels with ``dropout_p == 0`` draw nothing and
   are not random here, although every SDPA kernel carries the ``nondeterministic_seeded``
-  tag: their recompute is exact, so their outputs need not be kept.) Inductor's seeded random (``prims.inductor_random``, produced
-  by inductor's ``replace_random_passes`` before partitioning) recomputes bit-identically
-  from its saved seed: marked ``ckpt_rng_exact``. Any other random op in a region (eager
+  tag: their recompute is exact, so their outputs need not be kept.) Inductor's seeded
+  random (``prims.inductor_random``, produced by inductor's ``replace_random_passes``
+  before partitioning) recomputes bit-identically from its saved seed: marked ``ckpt_rng_exact``. Any other random op in a region (eager
   ``native_dropout``, ``rand_like``, ``bernoulli`` ... under ``inner="eager"`` or
   ``fallback_random``) is ``MUST_SAVE``, and so is everything in the region computed from
   random values alone (the dropout mask), so the cheapest thing saved is the bool mask
