@@ -15,12 +15,19 @@ of a one-block model with each backend), and forward/backward
 node counts (call_function nodes of the graphs right after partitioning, counted by the
 same inductor pre-pass for both backends).
 
+Then the saved bytes of the corpus in ``tests/compile_corpus.py`` (mm stack, MLP, conv net,
+pre-LN GPT, Hugging Face GPT-2 and Llama at the sizes of issue 14), each with no
+checkpointing, per-block ``ckpt_compile.checkpoint`` and a selective policy, compiled with
+both backends: the ratio ours / torch must stay <= 1.0 (``--corpus none`` skips it,
+``--corpus test`` uses the test suite's small sizes).
+
     python benchmarks/compile.py
     python benchmarks/compile.py --d-model 128 --seq 64 --batch 4 --rounds 5
 """
 from __future__ import annotations
 
 import functools
+import pathlib
 import statistics
 import sys
 import time
@@ -32,6 +39,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import ckpt_compile as cc
 from _transformer import make_model, size_arguments
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+import compile_corpus  # noqa: E402  (the corpus lives with the tests that assert on it)
 
 
 def _run(model, wrap, x):
@@ -118,9 +128,50 @@ def step_time(model, fn, x) -> float:
     return time.perf_counter() - start
 
 
+CORPUS_WRAPS = ("none", "ckpt_checkpoint", "selective")
+
+
+def corpus_table(scale: str) -> list[float]:
+    """Print saved bytes ours / torch for every corpus model and wrap; returns the ratios."""
+    print()
+    print(f"## saved bytes, corpus at {scale} sizes (ours = backend='ckpt', torch = torch.compile)")
+    print()
+    print("| model | regions | ours KiB | torch KiB | ours / torch |")
+    print("|---|---|---|---|---|")
+    ratios = []
+    for name in compile_corpus.MODELS:
+        if name in compile_corpus.HF_MODELS:
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                print(f"| {name} | - | - | - | skipped: transformers not installed |")
+                continue
+        for wrap in CORPUS_WRAPS:
+            saved = {}
+            for backend in ("ckpt", "inductor"):
+                model, x = compile_corpus.build(name, wrap, scale)
+                fn = torch.compile(model, backend=backend)
+                compile_corpus.step(model, fn, x)
+                saved[backend] = compile_corpus.saved_bytes(model, fn, x)
+            ratio = saved["ckpt"] / saved["inductor"]
+            ratios.append(ratio)
+            print(f"| {name} | {wrap} | {saved['ckpt'] / 1024:.1f} | {saved['inductor'] / 1024:.1f} | {ratio:.3f} |",
+                  flush=True)
+    print()
+    print(f"largest saved-bytes ratio ours / torch: {max(ratios):.3f} (target <= 1.0)")
+    return ratios
+
+
 def main(argv=None) -> int:
     p = size_arguments(__doc__)
+    p.add_argument("--corpus", choices=("issue", "test", "none"), default="issue",
+                   help="sizes of the saved-bytes corpus table (none: skip it)")
+    p.add_argument("--corpus-only", action="store_true", help="skip the step and compile timings")
     args = p.parse_args(argv)
+    if args.corpus_only:
+        torch._dynamo.config.recompile_limit = 64
+        corpus_table(args.corpus)
+        return 0
 
     model = make_model(args.blocks, args.d_model, args.heads)
     x = torch.randn(args.batch, args.seq, args.d_model, requires_grad=True)
@@ -165,6 +216,12 @@ def main(argv=None) -> int:
         print(f"| {name} | {saved[name] / 2**20:.1f} | {med(times[name]):.3f} | {med(ratios[name]):.3f} "
               f"| {compile_s[name]:.1f} | {compile_s[name] / compile_s[ref]:.2f} "
               f"| {nodes[name][0]} | {nodes[name][1]} |")
+    print()
+    print(f"step ratio ckpt / torch (median of rounds): {med(ratios['ckpt']):.3f} (target <= 1.0); "
+          f"compile ratio {compile_s['ckpt'] / compile_s['torch']:.2f} (target <= 1.2)")
+    if args.corpus != "none":
+        torch._dynamo.config.recompile_limit = 64
+        corpus_table(args.corpus)
     return 0
 
 

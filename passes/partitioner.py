@@ -6,6 +6,30 @@ into a small cut problem, :mod:`.mincut` solves it (networkx), :mod:`.split` bui
 forward and backward graphs from the resulting :class:`~.plan.Plan`, which is attached to
 both modules as ``module.meta["ckpt_plan"]``.
 
+What is saved at checkpoint region boundaries (the rule, and why):
+
+1. A value computed in one region and read by the forward of another region (directly or
+   through untagged code) is a *boundary*: the tagging pass makes it ``MUST_SAVE``, so no
+   region's backward recomputes the regions before it. Eager checkpointing saves every
+   region's inputs for the same reason: without the boundary, the min-cut (which prices
+   bytes, not peak memory) would recompute the whole model from its inputs at the start
+   of the backward, bringing back the memory checkpointing was asked to free.
+2. A boundary is dropped from the saved set after the cut (:func:`.saving.rebuild_boundaries`)
+   when the backward can rebuild it from values the plan saves anyway through cheap
+   operators only: no matmul, convolution or attention, no random op, nothing a policy or
+   mutation pins. That recomputes a few pointwise ops (``x + tanh(h)`` from a saved ``h``)
+   and never a whole region early, so saved bytes go down at no peak-memory cost; it is
+   how a ``MUST_SAVE``-matmul policy per block saves no more than no checkpointing at all.
+3. Region values read only by untagged code that reaches no other region (final norm,
+   head, loss) are not boundaries: the min-cut recomputes them with their region when
+   that saves bytes, as torch's partitioner does.
+4. A value a policy tags ``MUST_SAVE`` costs one quarter-byte less to save than an
+   untagged value of the same size, so ties go to the value the user asked to keep (from
+   which rule 2 can rebuild boundaries) rather than to an arbitrary pick of the solver.
+
+Each saved value carries why it is saved (:data:`.saving.WHY`) in ``plan.why`` and in the
+forward node's ``meta["ckpt_saved_why"]``, which ``explain()`` reports.
+
 Example::
 
     >>> import torch
@@ -31,6 +55,7 @@ from .budget import budget_cut
 from .mincut import BudgetTooSmall, InfeasibleCut, Cut, min_cut, plan_cost
 from .plan import Plan, RegionPlan
 from .problem import JointInfo, build_problem
+from .saving import rebuild_boundaries, why_saved
 from .split import split, symbol_bindings
 
 # Keywords AOTAutograd and inductor pass to every partition function, and why we ignore them.
@@ -104,11 +129,13 @@ def _decide(info: JointInfo, memory_budget: float) -> Cut:
         cut = min_cut(problem)
     except InfeasibleCut as e:
         raise ValueError(_conflict_message(info, e.path)) from e
+    # Budgets are fractions of the b=1 plan as it is saved, boundaries rebuilt.
+    cut = rebuild_boundaries(info, cut)
     if memory_budget == 1.0:
         return cut
     full_bytes = plan_cost(problem, set(cut.recomputed))[0]
     try:
-        return budget_cut(problem, math.floor(memory_budget * full_bytes))
+        return rebuild_boundaries(info, budget_cut(problem, math.floor(memory_budget * full_bytes)))
     except BudgetTooSmall as e:
         smallest = math.ceil(e.min_bytes / full_bytes * 1e4) / 1e4
         raise ValueError(
@@ -147,6 +174,10 @@ def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float)
     order = {n: k for k, n in enumerate(graph.nodes)}
     saved_nodes.sort(key=order.__getitem__)
     recomputed = [i for i in cut.recomputed if nodes[i] in info.forward]
+    why = why_saved(info, cut, memory_budget)
+    for i, reason in why.items():
+        # Travels with the node into the forward graph (split copies meta): the report reads it.
+        nodes[i].meta["ckpt_saved_why"] = reason
     saved_bytes = sum(problem.nbytes[i] for i in cut.saved)
     flops = sum(problem.recompute_cost[i] for i in recomputed)
     regions: dict[int, dict[str, list[int]]] = {}
@@ -178,4 +209,5 @@ def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float)
             )
             for region, r in sorted(regions.items())
         },
+        why=tuple((problem.names[i], why[i]) for i in cut.saved if problem.nbytes[i]),
     )

@@ -31,6 +31,8 @@ class Plan:
     size hints stand in for symbolic sizes). ``banned`` pairs a forward value that may not
     be recomputed with the reason. ``offloaded`` values travel through CPU memory.
     ``deferred`` values feed only the backward and are computed there, once (not a recompute).
+    ``why`` pairs each saved activation with the reason it is saved (a key of
+    ``ckpt_compile.passes.saving.WHY``: boundary, policy, random, budget, needed by backward...).
     """
 
     saved: tuple[str, ...]
@@ -42,6 +44,7 @@ class Plan:
     recompute_flops: int
     memory_budget: float
     regions: dict[int, RegionPlan]
+    why: tuple[tuple[str, str], ...] = ()
 
     def summary(self) -> str:
         return (

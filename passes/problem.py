@@ -124,7 +124,9 @@ def _is_view(node: fx.Node) -> bool:
     return bool(getattr(node.target, "is_view", False))
 
 
-def _is_random(node: fx.Node) -> bool:
+def draws_random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers: tagged ``nondeterministic_seeded``, except an
+    attention kernel called with ``dropout_p == 0`` (SDPA carries the tag regardless)."""
     tags = getattr(node.target, "tags", ())
     if torch.Tag.nondeterministic_seeded not in tags:
         return False
@@ -184,7 +186,7 @@ def _classify(node: fx.Node, in_region: bool) -> tuple[str | None, bool]:
         return "mutates its input", False
     if policy in (CheckpointPolicy.MUST_SAVE, *_OFFLOAD):
         return f"tagged {policy.name}", False
-    if _is_random(node) and not node.meta.get("ckpt_rng_exact", False):
+    if draws_random(node) and not node.meta.get("ckpt_rng_exact", False):
         # Random ops are not recomputed unless the tagging pass made their recompute exact.
         return "random op without exact recompute", False
     val = node.meta.get("val")
@@ -233,7 +235,11 @@ def _save_weight(node: fx.Node, nbytes: int, never_saved: set[fx.Node]) -> int |
     if policy == CheckpointPolicy.MUST_RECOMPUTE:
         return None  # MUST_RECOMPUTE: never saved
     if policy in (CheckpointPolicy.MUST_SAVE, *_OFFLOAD):
-        return nbytes * 4
+        # A value the user's policy keeps wins a tie against an untagged value of the same
+        # size (the backward can rebuild the other from it, and boundaries too: see
+        # .saving), rather than both being an arbitrary pick of the solver.
+        by_policy = node.meta.get("ckpt_tag_reason") not in ("boundary", "random")
+        return nbytes * 4 - (1 if by_policy and nbytes else 0)
     if _is_view(node) or isinstance(node.meta.get("val"), (list, tuple)):
         return None  # views are never worth saving on their own (save the base); nor tuples
     return nbytes * _SAVE_FACTOR.get(policy, 4)

@@ -26,11 +26,18 @@ What this pass adds on top, so that compiled checkpointing behaves like eager (i
 
 - **Region boundaries are saved as eager saves them.** Eager checkpointing saves the
   inputs of every region and never recomputes one region to feed another. A region node
-  read by a forward node outside its region is therefore ``MUST_SAVE`` (PyTorch's own
-  partitioner only keeps such a boundary when region ids increase in program order).
-- **Random ops stay exact.** Inductor's seeded random (``prims.inductor_random``, produced
-  by inductor's ``replace_random_passes`` before partitioning) recomputes bit-identically
-  from its saved seed: marked ``ckpt_rng_exact``. Any other random op in a region (eager
+  read by the forward of another region, directly or through untagged forward code, is
+  therefore ``MUST_SAVE`` (reason ``"boundary"``; PyTorch's own partitioner only keeps
+  such a boundary when region ids increase in program order). A region's value read only
+  by untagged code that reaches no other region (the tail of the model: final norm, head,
+  loss) is not forced: the min-cut may recompute it with its region, as torch does. The
+  partitioner may still drop a boundary the backward can rebuild cheaply
+  (``ckpt_compile.passes.saving``).
+- **Random ops stay exact.** (Attention kernels with ``dropout_p == 0`` draw nothing and
+  are not random here, although every SDPA kernel carries the ``nondeterministic_seeded``
+  tag: their recompute is exact, so their outputs need not be kept.) Inductor's seeded
+  random (``prims.inductor_random``, produced by inductor's ``replace_random_passes``
+  before partitioning) recomputes bit-identically from its saved seed: marked ``ckpt_rng_exact``. Any other random op in a region (eager
   ``native_dropout``, ``rand_like``, ``bernoulli`` ... under ``inner="eager"`` or
   ``fallback_random``) is ``MUST_SAVE``, and so is everything in the region computed from
   random values alone (the dropout mask), so the cheapest thing saved is the bool mask
@@ -49,7 +56,7 @@ Every node this pass changes records why in ``node.meta["ckpt_tag_reason"]``
 >>> a = g.call_function(torch.ops.aten.sin.default, (x,))
 >>> b = g.call_function(torch.ops.aten.cos.default, (a,))
 >>> out = g.output((b,))
->>> for n, region in ((a, 0), (b, None)):
+>>> for n, region in ((a, 0), (b, 1)):
 ...     n.meta["partitioner_tag"] = "is_forward"
 ...     if region is not None:
 ...         n.meta.update(recompute=CheckpointPolicy.PREFER_RECOMPUTE, ac_graph_id=region)
@@ -62,6 +69,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
+
+from .problem import draws_random
 
 __all__ = ["tag_recompute"]
 
@@ -147,11 +156,9 @@ def _regions_from_annotations(forward: list[fx.Node]) -> None:
 
 
 def _is_random(node: fx.Node) -> bool:
-    target = node.target
-    return (
-        isinstance(target, torch._ops.OpOverload)
-        and torch.Tag.nondeterministic_seeded in target.tags
-    )
+    # Attention kernels carry the random-op tag even with dropout_p == 0, where they draw
+    # no random numbers and recompute exactly (the problem builder's rule: one definition).
+    return isinstance(node.target, torch._ops.OpOverload) and draws_random(node)
 
 
 def _is_seeded_random(node: fx.Node) -> bool:
@@ -179,14 +186,23 @@ def _keep_random_exact(forward: list[fx.Node]) -> None:
 
 
 def _save_region_boundaries(forward: list[fx.Node]) -> None:
+    # Untagged forward nodes from which the forward of some region is reachable through
+    # untagged nodes only (walked backwards, so every user is decided first).
+    feeds_region: set[fx.Node] = set()
+    for node in reversed(forward):
+        if "recompute" not in node.meta and any(
+            _is_forward(u) and ("recompute" in u.meta or u in feeds_region) for u in node.users
+        ):
+            feeds_region.add(node)
     for node in forward:
         if node.meta.get("recompute") not in _RECOMPUTE:
             continue
         region = node.meta.get("ac_graph_id")
         for user in node.users:
-            if _is_forward(user) and (
-                "recompute" not in user.meta or user.meta.get("ac_graph_id") != region
-            ):
+            if not _is_forward(user):
+                continue
+            other_region = "recompute" in user.meta and user.meta.get("ac_graph_id") != region
+            if other_region or user in feeds_region:
                 node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
                 node.meta["ckpt_tag_reason"] = "boundary"
                 break

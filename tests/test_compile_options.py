@@ -271,23 +271,29 @@ def _policies(nodes):
 
 
 def test_region_boundaries_are_saved_inside_stay_recomputable():
-    # Two consecutive regions, then an op outside any region: the last node of each
-    # region feeds another region or the outside and must be saved, as eager does.
+    # Three regions: a feeds b directly, b feeds c through untagged code, c feeds only the
+    # loss. A region's output read by another region (directly or through untagged code)
+    # is saved, as eager does; the last region's output stays recomputable, as torch does.
     gm, nodes = _joint([
         ("a1", aten.sin.default, ["x"], _fw(0)),
         ("a2", aten.cos.default, ["a1"], _fw(0)),
         ("b1", aten.sin.default, ["a2"], _fw(1)),
         ("b2", aten.cos.default, ["b1"], _fw(1)),
-        ("out", aten.relu.default, ["b2"], _fw()),
+        ("mid", aten.neg.default, ["b2"], _fw()),
+        ("c1", aten.sin.default, ["mid"], _fw(2)),
+        ("c2", aten.cos.default, ["c1"], _fw(2)),
+        ("out", aten.relu.default, ["c2"], _fw()),
         ("g", aten.mul.Tensor, ["out", "b1"], BW),
     ])
     tag_recompute(gm)
     P = CheckpointPolicy
     assert _policies(nodes) == {
         "a1": P.PREFER_RECOMPUTE, "a2": P.MUST_SAVE, "b1": P.PREFER_RECOMPUTE,
-        "b2": P.MUST_SAVE, "out": None, "g": None,
+        "b2": P.MUST_SAVE, "mid": None, "c1": P.PREFER_RECOMPUTE, "c2": P.PREFER_RECOMPUTE,
+        "out": None, "g": None,
     }
-    assert nodes["a2"].meta["ckpt_tag_reason"] == "boundary"
+    assert nodes["a2"].meta["ckpt_tag_reason"] == nodes["b2"].meta["ckpt_tag_reason"] == "boundary"
+    assert "ckpt_tag_reason" not in nodes["c2"].meta
 
 
 def test_selective_policies_are_kept_and_bools_normalised():

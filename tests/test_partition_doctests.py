@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["problem", "mincut", "budget", "plan", "split", "partitioner"]
+MODULES = ["problem", "mincut", "budget", "plan", "split", "partitioner", "saving"]
 
 
 @pytest.mark.parametrize("name", MODULES)

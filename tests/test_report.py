@@ -47,17 +47,17 @@ class TestTable(expecttest.TestCase):
     def test_table_layout(self):
         self.assertExpectedInline(str(self.report), """\
 backend="ckpt": 1 graph, 1 checkpoint region, memory_budget 1.0
-                      ckpt  no checkpointing
-forward nodes            8                 8
-backward nodes          28                25
-saved tensors            1                 2
-saved bytes       8.00 KiB         16.00 KiB
-recomputed nodes         4                 1
-recompute FLOPs     264.2k                 0
+                    ckpt  no checkpointing
+forward nodes          8                 8
+backward nodes        30                25
+saved tensors          0                 2
+saved bytes          0 B         16.00 KiB
+recomputed nodes       6                 1
+recompute FLOPs   528.4k                 0
 
-region     saved   avoided  recomputed ops  recompute FLOPs  source
-     0  8.00 KiB  8.00 KiB               4           264.2k  test_report.py:32 in forward: h = cc.checkpoint(lambda t:...
-saved 16.00 KiB -> 8.00 KiB (-50%), +50% forward FLOPs recomputed""")
+region  saved    avoided  recomputed ops  recompute FLOPs  source
+     0    0 B  16.00 KiB               6           528.4k  test_report.py:32 in forward: h = cc.checkpoint(lambda t:...
+saved 16.00 KiB -> 0 B (-100%), +100% forward FLOPs recomputed""")
 
     def test_summary_is_the_last_line(self):
         self.assertEqual(str(self.report).splitlines()[-1], self.report.summary())

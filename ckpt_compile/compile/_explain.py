@@ -32,6 +32,13 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
     and the model's parameters are untouched; a forward pass does run (dropout draws
     random numbers, batch-norm statistics update, as in one training step).
 
+    Why each value is saved: ``report.saved_values`` lists every saved activation
+    (``name``, ``region``, ``bytes``, ``why``), ``why`` being one of ``"boundary"`` (a
+    checkpoint region's output read by another region), ``"policy"`` (a selective policy
+    or annotation), ``"random"``, ``"not recomputable"``, ``"budget"``, ``"needed by
+    backward"`` or ``"recompute input"`` (see ``ckpt_compile.passes.saving.WHY``);
+    ``report.saved_by_reason`` and the table's "why saved" section sum them.
+
     ``str(report)`` is a table; ``report.to_dict()`` is JSON; see also
     ``cc.write_picture(report, "cut.html")``.
 

@@ -68,7 +68,19 @@ def graph_report(joint_module: fx.GraphModule, fw_module: fx.GraphModule, bw_mod
                                       base_fw)
 
     figures["graph"] = _graph_stats.graph_structure(fw_module, bw_module, num_fwd_outputs, region_of)
+    figures["saved_values"] = _saved_values(fw_module, num_fwd_outputs, region_of)
     return figures
+
+
+def _saved_values(fw_module, num_fwd_outputs, region_of) -> list[dict[str, Any]]:
+    """One row per saved activation: name, region (ordinal or None), bytes, and why the
+    partitioner saved it (``ckpt_compile.passes.saving.WHY``; "-" for a partition that
+    did not say, e.g. another partitioner's)."""
+    return [
+        {"name": n.name, "region": region_of.get(n.name), "bytes": _graph_stats.node_bytes(n)[0],
+         "why": n.meta.get("ckpt_saved_why", "-")}
+        for n in _graph_stats.saved_nodes(fw_module, num_fwd_outputs)
+    ]
 
 
 def _region_rows(joint_module, fw_module, bw_module, num_fwd_outputs, region_of, base_fw) -> list[dict]:
@@ -200,6 +212,22 @@ class Report:
     def regions(self) -> list[dict[str, Any]]:
         return [row for g in self.graphs for row in g["regions"]]
 
+    @property
+    def saved_values(self) -> list[dict[str, Any]]:
+        """Every saved activation with why it is saved (``name``, ``region``, ``bytes``,
+        ``why``); empty for a report written before this was recorded."""
+        return [row for g in self.graphs for row in g.get("saved_values") or ()]
+
+    @property
+    def saved_by_reason(self) -> dict[str, dict[str, int]]:
+        """``{why: {"values": n, "bytes": b}}`` over :attr:`saved_values`, largest first."""
+        out: dict[str, dict[str, int]] = {}
+        for row in self.saved_values:
+            entry = out.setdefault(row["why"], {"values": 0, "bytes": 0})
+            entry["values"] += 1
+            entry["bytes"] += row["bytes"]
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the totals of API.md, ``regions``, ``baseline``, then per graph."""
         return {
@@ -207,6 +235,7 @@ class Report:
             "saved_bytes_expr": _sum_exprs(g["saved_bytes_expr"] or str(g["saved_bytes"]) for g in self.graphs)
             if any(g["saved_bytes_expr"] for g in self.graphs) else None,
             "regions": self.regions,
+            "saved_by_reason": self.saved_by_reason,
             "baseline": self.baseline,
             "options": dict(self.options),
             "graphs": [dict(g) for g in self.graphs],
@@ -251,7 +280,8 @@ class Report:
         return f"saved {format_bytes(base['saved_bytes'])} -> {format_bytes(self.saved_bytes)}{change}, {cost}"
 
     def __str__(self) -> str:
-        return "\n".join([*_figures_table(self), "", *_regions_table(self.regions), self.summary()])
+        return "\n".join([*_figures_table(self), "", *_regions_table(self.regions), *_why_table(self),
+                          self.summary()])
 
 
 def _figures_table(report: Report) -> list[str]:
@@ -292,6 +322,17 @@ def _regions_table(regions: list[dict[str, Any]]) -> list[str]:
         "  ".join(f"{cell:>{w}}" for cell, w in zip(row[:5], widths)) + "  " + row[5]
         for row in rows
     ]
+
+
+def _why_table(report: Report) -> list[str]:
+    """Saved bytes grouped by the reason each value is saved (absent from older reports)."""
+    groups = report.saved_by_reason
+    if not groups:
+        return []
+    rows = [("why saved", "values", "bytes")]
+    rows += [(why, str(g["values"]), format_bytes(g["bytes"])) for why, g in groups.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return [""] + [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
 
 
 def _clip(text: str, width: int) -> str:
