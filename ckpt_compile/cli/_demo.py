@@ -39,13 +39,19 @@ SAVED_DEFINITION = ("saved activations = bytes autograd keeps for the backward a
                     "anyway; selective checkpointing's cache included)")
 
 
+# No dropout, as in LLM pretraining. With dropout and no code generation (the demo's default)
+# backend="ckpt" keeps each region's dropout masks where torch replays the RNG state; with
+# inductor (--compiler inductor) both recompute dropout exactly (docs/design.md, "Random ops").
+_DROPOUT = 0.0
+
+
 class _TinyGPT(torch.nn.Module):
     def __init__(self, vocab: int, d_model: int, heads: int, blocks: int, seq: int) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, d_model)
         self.pos = torch.nn.Parameter(torch.zeros(seq, d_model))
         self.blocks = torch.nn.ModuleList(
-            torch.nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.1, batch_first=True, norm_first=True)
+            torch.nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=_DROPOUT, batch_first=True, norm_first=True)
             for _ in range(blocks)
         )
         self.head = torch.nn.Linear(d_model, vocab)
