@@ -41,7 +41,7 @@ SAVED_DEFINITION = ("saved activations = bytes autograd keeps for the backward a
 
 # No dropout, as in LLM pretraining. With dropout and no code generation (the demo's default)
 # backend="ckpt" keeps each region's dropout masks where torch replays the RNG state; with
-# inductor (--compiler inductor) both recompute dropout exactly (docs/design.md, "Random ops").
+# inductor (--compiler inductor) both recompute dropout exactly (docs/design.md, "The backend").
 _DROPOUT = 0.0
 
 
