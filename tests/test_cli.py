@@ -42,6 +42,22 @@ def factories(tmp_path_factory):
             torch.manual_seed(0)
             return Net(), (torch.randn(32, 64),)
 
+        class TwoRegions(torch.nn.Module):
+            # The first region's output feeds the second region and comes from a matmul:
+            # it must be saved (a region boundary), so a tiny budget cannot be met.
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = Net(), Net()
+
+            def forward(self, x):
+                h = cc.checkpoint(lambda t: self.a.l2(self.a.l1(t).relu()).relu(), x, use_reentrant=False)
+                h = cc.checkpoint(lambda t: self.b.l2(self.b.l1(t).relu()).relu(), h, use_reentrant=False)
+                return (h * h).sum()
+
+        def make_two():
+            torch.manual_seed(0)
+            return TwoRegions(), (torch.randn(32, 64),)
+
         def broken():
             raise RuntimeError("no weights here")
 
@@ -104,7 +120,7 @@ def test_explain_errors_are_one_line_exit_2(factories, spec, message):
      "python -m ckpt_compile explain: error: argument --inner: invalid choice: 'aot_eager' (choose from "
      "'inductor', 'eager') (see python -m ckpt_compile explain --help)"),
     (("plot",), "python -m ckpt_compile: error: argument COMMAND: invalid choice: 'plot' (choose from 'demo', "
-     "'explain') (see python -m ckpt_compile --help)"),
+     "'explain', 'plan') (see python -m ckpt_compile --help)"),
     (("demo", "--steps", "1"), "python -m ckpt_compile demo: error: --steps must be at least 2, got 1"),
 ])
 def test_usage_errors_are_one_line_exit_2(factories, args, message):
@@ -116,11 +132,11 @@ def test_usage_errors_are_one_line_exit_2(factories, args, message):
 def test_explain_infeasible_budget_keeps_the_hint(factories):
     # The infeasible budget is found inside torch.compile, which wraps backend errors: the
     # line must still be our message, with the smallest feasible budget.
-    result = _run("explain", "user_models:make", "--memory-budget", "0.01", "--inner", "eager", cwd=factories)
+    result = _run("explain", "user_models:make_two", "--memory-budget", "0.01", "--inner", "eager", cwd=factories)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith(
-        'python -m ckpt_compile explain: error: explain(user_models:make) failed: backend="ckpt": options '
+        'python -m ckpt_compile explain: error: explain(user_models:make_two) failed: backend="ckpt": options '
         "memory_budget=0.01 is infeasible for this graph")
     assert re.search(r"Use memory_budget >= 0\.\d+\.$", result.stderr.strip()), result.stderr
 

@@ -173,9 +173,23 @@ def _net_with_region():
     return f
 
 
+def _net_with_two_regions():
+    # The first region's output feeds the second and comes from a matmul: a boundary that
+    # must be saved, so a tiny budget cannot be met (one region alone saves nothing).
+    torch.manual_seed(0)
+    blocks = [(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)) for _ in range(2)]
+
+    def f(x):
+        for l1, l2 in blocks:
+            x = cc.checkpoint(lambda t: l2(l1(t).relu()).relu(), x, use_reentrant=False)
+        return (x * x).sum()
+
+    return f
+
+
 def test_infeasible_budget_is_our_value_error():
     torch._dynamo.reset()
-    f = torch.compile(_net_with_region(), backend="ckpt", options={"memory_budget": 0.01, "inner": "eager"})
+    f = torch.compile(_net_with_two_regions(), backend="ckpt", options={"memory_budget": 0.01, "inner": "eager"})
     with pytest.raises(ValueError) as e:
         f(torch.randn(32, 64))
     first = str(e.value).splitlines()[0]

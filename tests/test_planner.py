@@ -297,7 +297,7 @@ def test_offload_is_chosen_only_when_nothing_else_fits(monkeypatch):
     plan = cc.plan(model, x, memory_budget=without - 1)
     assert "offload" in {r.choice for r in plan.blocks}
     planned = plan.apply(copy.deepcopy(model))
-    assert type(planned.blocks[[r.choice for r in plan.blocks].index("offload")]).__name__ == "OffloadWrapper"
+    assert isinstance(planned.blocks[[r.choice for r in plan.blocks].index("offload")], cc.OffloadWrapper)
     assert cc.saved_tensor_bytes(lambda: planned(x)) == plan.predicted_saved_bytes <= without - 1
 
 
