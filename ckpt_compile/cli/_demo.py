@@ -82,19 +82,9 @@ def _variants():
 def activation_bytes(forward: Callable[[], object], alive: Iterable[torch.Tensor]) -> int:
     """:data:`SAVED_DEFINITION`: bytes of the distinct storages autograd saves while
     ``forward()`` runs, less those of ``alive`` (parameters, inputs)."""
-    from ckpt_compile.eager import _selective
+    from ckpt_compile.diagnostics._graph_stats import saved_storages
 
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with _selective._observe_caches() as modes, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    for mode in modes:
-        storages.update(_selective._cached_storages(mode))
+    storages = saved_storages(forward)
     excluded = {t.untyped_storage().data_ptr() for t in alive}
     return sum(n for ptr, n in storages.items() if ptr not in excluded)
 

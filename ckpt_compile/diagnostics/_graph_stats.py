@@ -82,6 +82,11 @@ def saved_tensor_bytes(forward: Callable[[], Any]) -> int:
     >>> cc.saved_tensor_bytes(lambda: cc.checkpoint(lambda t: lin(t).relu().sin(), x, use_reentrant=False)) // 2**20
     1
     """
+    return sum(saved_storages(forward).values())
+
+
+def saved_storages(forward: Callable[[], Any]) -> dict[int, int]:
+    """What :func:`saved_tensor_bytes` sums: storage data pointer -> bytes."""
     from ckpt_compile.eager import _selective
 
     storages: dict[int, int] = {}
@@ -95,7 +100,7 @@ def saved_tensor_bytes(forward: Callable[[], Any]) -> int:
         forward()
     for mode in modes:
         storages.update(_selective._cached_storages(mode))
-    return sum(storages.values())
+    return storages
 
 
 # ---------------------------------------------------------------- compiled
