@@ -284,6 +284,9 @@ def _run_option(recorder, module, option, args, kwargs, real_outputs):
                 # The offload hook asks storages for their address to spot parameters;
                 # fake storages have none (and none is needed: nothing is copied here).
                 warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+                # Our counting hook is not the user's: selective regions (ours and torch's,
+                # 2.14+) warn about any saved_tensors_hooks block around them.
+                warnings.filterwarnings("ignore", message="A saved_tensors_hooks context", category=FutureWarning)
                 out = runner(*args, **kwargs)
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         # The same tensor as the real call's output, so it gets the same key (before any
