@@ -120,9 +120,7 @@ def _close_stale_regions() -> None:
         if frame is not None:
             return  # still running: this call is nested in it, and so are those below
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        # The region's pack hook is its frame (or, before the engine made frames callable,
-        # a method of it).
-        if top is None or region.frame not in (top[0], getattr(top[0], "__self__", None)):
+        if top is None or top[0] is not region.frame:  # the region's pack hook is its frame
             raise RuntimeError(
                 "ckpt_compile.composable.checkpoint: a forward of a checkpointed module was "
                 "interrupted (e.g. by KeyboardInterrupt) and its region cannot be closed: other "
