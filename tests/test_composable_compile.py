@@ -56,7 +56,7 @@ def make(how: str = "none", **options) -> Net:
         elif how == "cc.checkpoint" and "context_fn" in options:
             block.context_fn = options["context_fn"]
         elif how == "torch composable":
-            torch.distributed._composable.checkpoint(block)
+            pytest.importorskip("torch.distributed._composable").checkpoint(block)
     return net
 
 
@@ -155,9 +155,12 @@ def test_enable_hook_off_compiles_without_regions():
     assert len(cc.explain(net, example(), inner="eager").regions) == 2
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason="torch 2.13's composable checkpoint fails under torch.compile")
+@pytest.mark.xfail(
+    strict=True,
+    raises=torch.utils.checkpoint.CheckpointError,
+    reason="torch 2.13's composable checkpoint fails under torch.compile (recomputed metadata differs)",
+)
 def test_torch_composable_checkpoint_under_compile_for_reference():
-    pytest.importorskip("torch.distributed._composable")
     plain = make()
     expected = grads(plain, plain)
     net = make("torch composable")
