@@ -454,3 +454,12 @@ def test_next_step_after_keyboard_interrupt_is_a_clean_step(apply):
     # ... and so it stays.
     for got, expected in zip(_stack_step(net, 3), _stack_step(clean, 3)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import ckpt_compile.modules.composable as composable
+
+    result = doctest.testmod(composable, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
