@@ -463,3 +463,54 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(composable, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+# --- which call owns a region: the pre-hook's token (issue 21) ------------------------------
+
+
+def test_a_call_whose_earlier_pre_hook_raised_leaves_the_enclosing_region_alone():
+    class Retry(nn.Module):
+        """Calls itself once; that inner call fails in a pre-hook and is caught."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, inner=False):
+            h = torch.tanh(self.lin(x))
+            if not inner:
+                try:
+                    self(h, inner=True)
+                except ValueError:
+                    pass
+            return torch.sigmoid(self.lin(h))
+
+    def refuse_inner(module, args, kwargs):
+        if kwargs.get("inner"):
+            raise ValueError("not now")
+
+    plain, ours = Retry(), Retry()
+    ours.load_state_dict(plain.state_dict())
+    checkpoint(ours)
+    # prepend: runs before checkpoint's pre-hook, so the inner call opens no region, but
+    # its forward hook (always_call) still runs: it must not close the outer call's region.
+    ours.register_forward_pre_hook(refuse_inner, with_kwargs=True, prepend=True)
+    x = torch.randn(3, 4, requires_grad=True)
+    expected = torch.autograd.grad(plain(x).sum(), [x, plain.lin.weight])
+    saved = cc.saved_tensor_bytes(lambda: ours(x))
+    got = torch.autograd.grad(ours(x).sum(), [x, ours.lin.weight])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert saved == cc.saved_tensor_bytes(lambda: cc.checkpoint(plain, x, use_reentrant=False))
+    assert checkpoint.state(ours).open_regions == []
+
+
+def test_a_later_pre_hook_that_replaces_kwargs_is_reported_and_the_step_stays_correct():
+    plain, ours = make_net(), make_net()
+    checkpoint(ours.inner)
+    ours.inner.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs)), with_kwargs=True)
+    with pytest.warns(UserWarning, match="returned new keyword arguments, so this forward was not checkpointed"):
+        result = run(ours)
+    assert_equal_runs(result, run(plain))
+    assert ours.inner.calls == 1  # saved as usual: nothing to recompute
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None

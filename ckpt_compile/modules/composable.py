@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -342,6 +343,8 @@ def _close_region(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
         return _capture_under_dynamo(module, state, args, kwargs)
     region = next((r for r in reversed(state.open_regions) if r.owned_by(kwargs)), None)
     if region is None:
+        region = _region_whose_token_was_replaced(module, state)
+    if region is None:
         return None  # this call opened no region (e.g. a pre-hook raised before ours ran)
     _close_stale_regions(keep=region)  # calls nested in this one that were interrupted
     _close(region)
@@ -350,6 +353,27 @@ def _close_region(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     region.frame.forward_completed = True
     region.replay.check_no_device_init_in_forward()
     return None
+
+
+def _region_whose_token_was_replaced(module: nn.Module, state: _CheckpointState) -> _Region | None:
+    """This call's region when a pre-hook that ran after ours returned new kwargs.
+
+    Our token then died before the forward began, so the region saved every tensor as it
+    is (correct, but nothing was checkpointed): close it and say so. Recognised as the
+    innermost open region, stale and with nothing saved into it.
+    """
+    regions = _open_regions()
+    top = state.open_regions[-1] if state.open_regions else None
+    if top is None or not regions or regions[-1] is not top or not top.stale() or top.frame.slots:
+        return None
+    warnings.warn(
+        f"ckpt_compile.composable.checkpoint: a forward pre-hook of this {type(module).__name__} "
+        "that runs after checkpoint's own returned new keyword arguments, so this forward was "
+        "not checkpointed (its tensors were saved as usual). Register that hook before calling "
+        "checkpoint(module), or with prepend=True.",
+        stacklevel=2,
+    )
+    return top
 
 
 def _capture_under_dynamo(module: nn.Module, state: _CheckpointState, args: tuple, kwargs: dict) -> Any:
