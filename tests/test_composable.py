@@ -456,6 +456,27 @@ def test_next_step_after_keyboard_interrupt_is_a_clean_step(apply):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_forward_only_step_after_keyboard_interrupt_frees_what_it_saved():
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    net = Stack()
+    for block in net.blocks:
+        checkpoint(block)
+    stop = net.blocks[1][2].register_forward_pre_hook(_interrupt_in_second_linear)
+    with pytest.raises(KeyboardInterrupt):
+        _stack_step(net, 1)
+    stop.remove()
+    # `pre` saves its tanh output while the interrupted region is still on the stack; with
+    # no backward, dropping the loss must free it (no reference cycle through the graph).
+    seen = []
+    watch = net.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(StorageWeakRef(args[0].untyped_storage())))
+    loss = net(torch.randn(4, 16, requires_grad=True))
+    watch.remove()
+    del loss
+    gc.collect()
+    assert len(seen) == 1 and seen[0].expired()
+
+
 def test_docstring_examples_run():
     import doctest
 

@@ -130,7 +130,9 @@ class _RegionFrame(_Frame):
 
     def pack(self, x: torch.Tensor) -> Any:
         if self.token() is None:
-            return _SavedAsIs(x)
+            # detached, as the engine keeps recomputed tensors: a saved output must not
+            # hold its own grad_fn (a cycle through C++ that gc cannot free)
+            return _SavedAsIs(x.detach() if x.requires_grad else x)
         return _Frame.pack(self, x)
 
     __call__ = pack  # the frame is its region's pack hook (see _Frame)
