@@ -39,6 +39,7 @@ class Probe(nn.Module):
         super().__init__()
         self.fault: str | None = None
         self.calls = 0
+        self.hooked = False
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         self.calls += 1
@@ -49,7 +50,10 @@ class Probe(nn.Module):
             raise KeyboardInterrupt("injected interrupt in the forward")
         if self.fault == "recompute" and not first:
             raise InjectedFault("injected fault in the recomputation")
-        if self.fault == "hook" and first:
+        if self.fault == "hook" and h.requires_grad and not self.hooked:
+            # Reentrant checkpointing runs its forward without grad: the hook goes on the
+            # recomputed tensor, the one its backward goes through.
+            self.hooked = True
             h.register_hook(_raise_in_hook)
         return h
 
@@ -79,12 +83,16 @@ class Model(nn.Module):
         self.blocks = nn.ModuleList([Block(probe_inside), Block(probe_inside)])
         self.region = _plain
         self.between = Probe() if probe_between else None
+        # Not checkpointed, on another shape: its saved tensors show whether a failed
+        # region left its saved-tensor hooks behind (a stale region would take them).
+        self.head = nn.Linear(2 * D_MODEL, D_MODEL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.region(self.blocks[0], x)
         if self.between is not None:
             h = _eager_probe(self.between, h)
-        return self.region(self.blocks[1], h)
+        h = self.region(self.blocks[1], h)
+        return torch.tanh(self.head(h.reshape(h.shape[0] // 2, 2 * D_MODEL)))
 
 
 def _plain(block, h):
@@ -218,7 +226,7 @@ def probes(model: nn.Module) -> list[Probe]:
 def step(model: nn.Module) -> list[torch.Tensor]:
     """One training step (grads reset first, as an optimizer's zero_grad does); the grads."""
     for probe in probes(model):
-        probe.calls = 0
+        probe.calls, probe.hooked = 0, False
     model.zero_grad(set_to_none=True)
     x = _INPUT.clone().requires_grad_()
     model(x).sum().backward()
@@ -258,8 +266,12 @@ def live() -> tuple[int, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # isinstance on deprecated torch objects warns
         objects = gc.get_objects()
-        tensors = [o for o in objects if isinstance(o, torch.Tensor)]
-        nodes = {o for o in objects if isinstance(o, torch.autograd.graph.Node)}
+        # Sorted out by type once (isinstance on each object is slow: Node is an ABC).
+        kinds = {type(o) for o in objects}
+        tensor_kinds = {k for k in kinds if issubclass(k, torch.Tensor)}
+        node_kinds = {k for k in kinds if issubclass(k, torch.autograd.graph.Node)}
+        tensors = [o for o in objects if type(o) in tensor_kinds]
+        nodes = {o for o in objects if type(o) in node_kinds}
     del objects
     stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
     while stack:

@@ -10,7 +10,7 @@ import pytest
 
 from leak_utils import VARIANTS, build, live, step
 
-STEPS = 30
+STEPS = 20
 
 
 def _counts_over_steps(variant: str, side: str, **kwargs) -> dict[int, tuple[int, int]]:
