@@ -99,18 +99,34 @@ def test_sdist_holds_every_module(built):
     assert {"pyproject.toml", "setup.py", "README.md", "tests/conftest.py"} <= names
 
 
+_MODELS = """
+import torch
+
+
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(3)])
+    return model, (torch.randn(4, 16, requires_grad=True),)
+"""
+# Run as `python -I -S`: no site-packages, no .pth files (an editable install's finder
+# lives in one), no user site, no PYTHON* variables; the path is set by hand.
 _INSTALLED_CHECK = """
-import importlib, json, sys
-target, torch_site, names = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-sys.path[:0] = [target, torch_site]
+import importlib, json, runpy, sys
+target, torch_site, models, names = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+sys.path[:0] = [target, torch_site, models]
 for name in names:
     module = importlib.import_module(name)
     assert module.__file__.startswith(target), f"{name} imported from {module.__file__}"
-import torch, ckpt_compile as cc
-torch.manual_seed(0)
-model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(3)])
-plan = cc.plan(model, torch.randn(4, 16, requires_grad=True), memory_budget=0.5)
-print(json.dumps(plan.to_dict(), sort_keys=True))
+import ckpt_compile as cc
+from tiny_models import make
+model, inputs = make()
+print(json.dumps(cc.plan(model, *inputs, memory_budget=0.5).to_dict()))
+print("--- python -m ckpt_compile plan --json ---", flush=True)
+sys.argv = ["ckpt_compile", "plan", "tiny_models:make", "--memory-budget", "0.5", "--json"]
+try:
+    runpy.run_module("ckpt_compile", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert e.code in (0, None), f"python -m ckpt_compile plan exited with {e.code}"
 """
 
 
@@ -123,13 +139,19 @@ def test_installed_wheel_imports_everything_and_plans(built, tmp_path):
     wheel, _ = built
     target = tmp_path / "site"
     _run(sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel))
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny_models.py").write_text(_MODELS)
     names = sorted(_module_name(p) for p in _source_modules().values() if not p.endswith("__main__.py"))
     torch_site = os.path.dirname(os.path.dirname(torch.__file__))
-    out = _run(sys.executable, "-I", "-S", "-c", _INSTALLED_CHECK, str(target), torch_site, json.dumps(names))
+    out = _run(sys.executable, "-I", "-S", "-c", _INSTALLED_CHECK, str(target), torch_site, str(models), json.dumps(names))
+    api_text, cli_text = out.split("--- python -m ckpt_compile plan --json ---")
+    from_api, from_cli = json.loads(api_text), json.loads(cli_text)
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(3)])
-    here = cc.plan(model, torch.randn(4, 16, requires_grad=True), memory_budget=0.5)
-    installed = json.loads(out.strip().splitlines()[-1])
-    assert _untimed(installed) == _untimed(json.loads(json.dumps(here.to_dict())))
-    assert installed["predicted_saved_bytes"] <= installed["budget_bytes"]
+    namespace: dict = {}
+    exec(_MODELS, namespace)
+    model, inputs = namespace["make"]()
+    here = json.loads(json.dumps(cc.plan(model, *inputs, memory_budget=0.5).to_dict()))
+    assert _untimed(from_api) == _untimed(here)
+    assert _untimed(from_cli) == _untimed(here)
+    assert here["predicted_saved_bytes"] <= here["budget_bytes"]
