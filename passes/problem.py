@@ -46,7 +46,7 @@ _EXPENSIVE = frozenset(
     ]
 )
 # Attention kernels carry a dropout_p argument and the random-op tag, but draw no random
-# numbers when dropout_p is 0 (on CPU every SDPA call is tagged random, see NOTES).
+# numbers when dropout_p is 0 (on CPU every SDPA call is tagged random, see docs/torch-notes.md).
 _ATTENTION = frozenset(p for p in _EXPENSIVE if "attention" in p.__name__)
 # The CPU flash kernel has no flop formula of its own; its leading (q, k, v) arguments
 # match the CUDA flash kernel's, so that formula applies.

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(ckpt_compile.__file__).parent
 PASSES = pathlib.Path(importlib.import_module("ckpt_compile.passes").__file__).parent
 
 # part -> the parts it may import (besides itself). "top" is ckpt_compile/*.py: the
-# public names (__init__ loads them lazily) and the public module paths kept by API.md.
+# public names (__init__ loads them lazily) and the public module paths kept by docs/api.md.
 ALLOWED = {
     "passes": set(),
     "eager": set(),

@@ -70,7 +70,7 @@ def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, 
         raise BackendValueError(str(e)) from None
     # 2. Capture already happened in Dynamo: regions are tag_activation_checkpoint nodes or
     #    annotate() metadata. Their fingerprint goes into inductor's cache key (node.meta
-    #    is not part of it: NOTES "stale-cache trap").
+    #    is not part of it: docs/torch-notes.md, "Stale-cache trap").
     fingerprint = _annotation_fingerprint(gm)
     # 3. Partitioner: tag_recompute on the joint graph, then our min-cut.
     partitioner = _CkptPartitioner(opts, fingerprint)
@@ -143,7 +143,7 @@ class _CkptPartitioner(CustomPartitionerFn):
 def _partition_budget(joint_module, joint_inputs, kwargs, partition_fn, budget: float):
     """``(budget on the partitioner's scale, no-checkpoint saved bytes or None)``.
 
-    API.md: ``memory_budget`` is a fraction of the activation bytes the same graph saves
+    docs/api.md: ``memory_budget`` is a fraction of the activation bytes the same graph saves
     with no checkpointing at all. The partitioner's ``memory_budget`` is a fraction of the
     bytes its own plan saves at 1.0, which for a graph with checkpoint regions is already
     the (smaller) checkpointed figure. Without regions the two scales coincide.

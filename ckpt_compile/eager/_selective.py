@@ -123,6 +123,13 @@ class _Cached:
                 "in-place operation, or pass allow_cache_entry_mutation=True to "
                 "create_selective_checkpoint_contexts to accept the mutated value."
             )
+        if self.offload:
+            # An offloaded entry outlives the recomputation (a second backward needs it),
+            # so hand out a fresh alias, never the cached tensor itself: autograd sets the
+            # returned tensor's grad_fn, whose saved tensors hold the recomputation's pack
+            # hook, which holds this cache, a cycle through C++ that gc cannot break
+            # (3 tensors a region a step stayed alive; issue 17).
+            return _detach_keeping_version(self.value)
         return self.value
 
 
