@@ -139,3 +139,14 @@ def test_public_paths_keep_working():
     assert wrappers.checkpoint_wrapper is ckpt_compile.checkpoint_wrapper
     assert composable.checkpoint.__module__ == "ckpt_compile.modules.composable"
     assert callable(passes.partition) and callable(passes.tag_recompute)
+
+
+def test_no_function_in_passes_is_over_80_lines():
+    # A pass reads top to bottom; a longer function is a state object with named moves
+    # waiting to be written (issue 21: the budget solver's swap search was 148 lines).
+    long = {}
+    for path in sorted(PASSES.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert not long, f"functions in passes/ over 80 lines: {long}"
