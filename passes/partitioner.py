@@ -54,6 +54,7 @@ import torch.fx as fx
 from .budget import budget_cut
 from .mincut import BudgetTooSmall, InfeasibleCut, Cut, min_cut, plan_cost
 from .plan import Plan, RegionPlan
+from .facts import NoRecompute, placeholder_kind
 from .problem import JointInfo, build_problem
 from .saving import rebuild_boundaries, why_saved
 from .split import split, symbol_bindings
@@ -117,10 +118,7 @@ def _mark_static_inputs(graph: fx.Graph, static_indices: Sequence[int]) -> None:
 
 
 def _is_forward_input(node: fx.Node) -> bool:
-    # torch's _is_primal: every placeholder but tangents and RNG seeds (the BackwardState
-    # placeholder included).
-    name = str(node.target)
-    return not any(key in name for key in ("tangents", "bwd_seed", "bwd_base_offset", "fwd_seed", "fwd_base_offset"))
+    return placeholder_kind(node).forward_input
 
 
 def _decide(info: JointInfo, memory_budget: float) -> Cut:
@@ -156,7 +154,8 @@ def _conflict_message(info: JointInfo, path: list[int]) -> str:
     for i in path:
         node = info.nodes[i]
         policy = node.meta.get("recompute")
-        why = info.reasons.get(node.name) or (f"tagged {policy.name}" if policy is not None else "never saved")
+        reason = info.reasons.get(node.name)
+        why = reason.value if reason else f"tagged {policy.name}" if policy is not None else "never saved"
         rows.append(f"  {node.format_node()}  [{why}]\n    at {_source_line(node)}")
     return (
         "partition: no valid plan, the backward needs a value that can be neither saved nor "
@@ -190,9 +189,9 @@ def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float)
         saved=tuple(n.name for n in saved_nodes),
         recomputed=tuple(problem.names[i] for i in recomputed),
         banned=tuple(
-            (name, info.reasons[name])
+            (name, info.reasons[name].value)
             for i, name in enumerate(problem.names)
-            if name in info.reasons and info.reasons[name] != "graph input"
+            if name in info.reasons and info.reasons[name] is not NoRecompute.GRAPH_INPUT
             and (memory_budget == 1.0 or i not in problem.soft_banned)  # lifted under a budget
         ),
         offloaded=tuple(problem.names[i] for i in cut.saved if problem.names[i] in info.offload),

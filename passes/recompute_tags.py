@@ -70,7 +70,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .problem import draws_random
+from .facts import as_policy, draws_random
 
 __all__ = ["tag_recompute"]
 
@@ -121,11 +121,10 @@ def _normalise_policies(forward: list[fx.Node]) -> None:
 
 
 def _as_policy(value: object, node: fx.Node) -> CheckpointPolicy:
-    if isinstance(value, CheckpointPolicy):
-        return value
-    if isinstance(value, bool):
-        # PyTorch's convention for boolean selective policies: True means save.
-        return CheckpointPolicy.MUST_SAVE if value else CheckpointPolicy.PREFER_RECOMPUTE
+    policy = as_policy(value)  # a member, or a bool (True means save)
+    if policy is not None:
+        return policy
+    # An annotation's policy name, or another CheckpointPolicy-like enum's member.
     name = value if isinstance(value, str) else getattr(value, "name", None)
     if isinstance(name, str) and name in CheckpointPolicy.__members__:
         return CheckpointPolicy[name]

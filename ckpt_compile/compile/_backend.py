@@ -322,11 +322,9 @@ def _saved_values(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[fx.No
 
 
 def _nbytes(node: fx.Node) -> int:
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
+    from ckpt_compile.passes.facts import value_nbytes
 
-    value = node.meta["val"]
-    # Symbolic sizes (dynamic=True) are counted at their size hints.
-    return optimization_hint(value.numel(), fallback=1) * value.element_size()
+    return value_nbytes(node.meta["val"])  # the plan's rule for symbolic sizes
 
 
 def _emit_report(reports: list[dict[str, Any]], opts: BackendOptions) -> None:

@@ -152,12 +152,13 @@ def recomputed_nodes(fw_module: fx.GraphModule, bw_module: fx.GraphModule) -> li
 
 def node_bytes(node: fx.Node) -> tuple[int, sympy.Expr]:
     """(bytes at the example inputs' sizes, bytes as a size expression) of a tensor node."""
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
+    from ckpt_compile.passes.facts import value_nbytes
 
     value = node.meta["val"]
     numel = value.numel()
     expr = numel.node.expr if isinstance(numel, torch.SymInt) else sympy.Integer(numel)
-    return optimization_hint(numel, fallback=1) * value.element_size(), expr * value.element_size()
+    # At the example inputs' sizes by the plan's rule (passes.facts.size_hint).
+    return value_nbytes(value), expr * value.element_size()
 
 
 def partition_figures(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int) -> dict[str, Any]:
