@@ -3,8 +3,8 @@
 Same contract as torch's partition functions, so it can be handed to AOTAutograd as
 ``partition_fn``. Three steps, each its own module: :mod:`.problem` turns the joint graph
 into a small cut problem, :mod:`.mincut` solves it (networkx), :mod:`.split` builds the
-forward and backward graphs from the resulting :class:`~.plan.Plan`, which is attached to
-both modules as ``module.meta["ckpt_plan"]``.
+forward and backward graphs from the resulting :class:`~.partition_result.Partition`,
+which is attached to both modules as ``module.meta["ckpt_partition"]``.
 
 What is saved at checkpoint region boundaries (the rule, and why):
 
@@ -40,7 +40,7 @@ Example::
     ...     return [y, torch.ops.aten.mul.Tensor(g, torch.ops.aten.cos.default(primals))]
     >>> gm = make_fx(joint)(torch.randn(512, 512), torch.randn(512, 512))
     >>> fw, bw = partition(gm, None, num_fwd_outputs=1)
-    >>> fw.meta["ckpt_plan"].saved, fw.meta["ckpt_plan"].recomputed
+    >>> fw.meta["ckpt_partition"].saved, fw.meta["ckpt_partition"].recomputed
     (('primals_1',), ('sin', 'relu'))
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ import torch.fx as fx
 
 from .budget import budget_cut
 from .mincut import BudgetTooSmall, InfeasibleCut, Cut, min_cut, plan_cost
-from .plan import Plan, RegionPlan
+from .partition_result import Partition, RegionPartition
 from .facts import NoRecompute, placeholder_kind
 from .problem import JointInfo, build_problem
 from .saving import rebuild_boundaries, why_saved
@@ -101,7 +101,7 @@ def partition(
         joint_module, saved=plan.saved, recomputed=plan.recomputed + plan.deferred, offloaded=plan.offloaded,
         num_fwd_outputs=num_fwd_outputs,
     )
-    fw_module.meta["ckpt_plan"] = bw_module.meta["ckpt_plan"] = plan
+    fw_module.meta["ckpt_partition"] = bw_module.meta["ckpt_partition"] = plan
     return fw_module, bw_module
 
 
@@ -166,7 +166,7 @@ def _conflict_message(info: JointInfo, path: list[int]) -> str:
     )
 
 
-def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float) -> Plan:
+def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float) -> Partition:
     problem, nodes = info.problem, info.nodes
     saved_nodes = [nodes[i] for i in cut.saved]
     saved_nodes += symbol_bindings(graph, saved_nodes, saved_nodes)
@@ -185,7 +185,7 @@ def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float)
             region = info.regions.get(problem.names[i])
             if region is not None:
                 regions.setdefault(region, {"saved": [], "recomputed": []})[key].append(i)
-    return Plan(
+    return Partition(
         saved=tuple(n.name for n in saved_nodes),
         recomputed=tuple(problem.names[i] for i in recomputed),
         banned=tuple(
@@ -200,7 +200,7 @@ def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float)
         recompute_flops=flops,
         memory_budget=memory_budget,
         regions={
-            region: RegionPlan(
+            region: RegionPartition(
                 saved=tuple(problem.names[i] for i in r["saved"]),
                 recomputed=tuple(problem.names[i] for i in r["recomputed"]),
                 saved_bytes=sum(problem.nbytes[i] for i in r["saved"]),
