@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from ckpt_compile.compile._options import BackendOptions, BackendValueError
 
@@ -141,7 +141,7 @@ class _CkptPartitioner(CustomPartitionerFn):
         return fw_module, bw_module
 
     def uuid(self) -> str:
-        # Cache key: our source, the options that change code, and the annotations.
+        # Cache key: our source and version, the options that change code, and the annotations.
         return hashlib.sha256(
             _source_hash() + f"{_PARTITIONER_VERSION};{self.options.fingerprint()};"
             f"{self.fingerprint}".encode()
@@ -210,11 +210,32 @@ def _compile_eager(gm, example_inputs, partitioner):
 
 @functools.lru_cache(maxsize=1)
 def _source_hash() -> bytes:
+    from ckpt_compile import __version__
+
+    return _hash_sources(_graph_sources(), __version__)
+
+
+def _graph_sources() -> list[pathlib.Path]:
+    """The modules that can change a captured or partitioned graph: every module of the
+    package and of ``passes/``. The policies, the engine's tracing branch, the wrappers
+    and the budget's baseline in diagnostics all do; a hand-kept narrower list missed
+    them once (issue 21), and hashing the rest costs nothing but a cache miss."""
+    import ckpt_compile
     import ckpt_compile.passes as passes_pkg
 
-    folders = (pathlib.Path(passes_pkg.__file__).parent, pathlib.Path(__file__).parent)
-    files = tuple(sorted(str(p) for folder in folders for p in folder.glob("*.py")))
-    return get_hash_for_files(files)
+    roots = (pathlib.Path(ckpt_compile.__file__).parent, pathlib.Path(passes_pkg.__file__).parent)
+    return sorted({p.resolve() for root in roots for p in root.rglob("*.py")})
+
+
+def _hash_sources(files: Sequence[pathlib.Path], version: str) -> bytes:
+    # Each file's name and length go in with its bytes, so moving code between files
+    # changes the key too.
+    digest = hashlib.sha256(f"ckpt_compile {version}\n".encode())
+    for path in files:
+        data = path.read_bytes()
+        digest.update(f"{path.name}:{len(data)}\n".encode())
+        digest.update(data)
+    return digest.digest()
 
 
 def _annotation_fingerprint(gm: fx.GraphModule) -> str:

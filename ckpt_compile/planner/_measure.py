@@ -294,11 +294,7 @@ def _run_option(recorder, module, option, args, kwargs, real_outputs):
         for mine, real in zip(outputs, real_outputs):
             recorder.alias(mine, real)
         for mode in modes:
-            for entries in mode.storage.values():
-                for entry in entries.values():
-                    for leaf in tree_leaves(entry):
-                        if isinstance(leaf, _selective._Cached):
-                            storages.append(leaf.value.untyped_storage())
+            storages.extend(t.untyped_storage() for t in _selective._cached_tensors(mode))
         grad_of = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
         grad_of += [p for p in module.parameters() if p.requires_grad]
         differentiable = [t for t in outputs if t.requires_grad]
