@@ -30,7 +30,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils.checkpoint import CheckpointPolicy
 
 __all__ = [
-    "EXPENSIVE", "MATMULS_WITHOUT_BATCH_DIMS", "NoRecompute", "PlaceholderKind", "as_policy",
+    "EXPENSIVE", "MATMULS_WITHOUT_BATCH_DIMS", "NoRecompute", "PlaceholderKind", "TagReason", "as_policy",
     "draws_random", "is_graph_input", "mutates", "placeholder_kind", "random_recompute_differs",
     "size_hint", "tensors_of", "value_nbytes",
 ]
@@ -202,3 +202,13 @@ class NoRecompute(enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class TagReason(str, enum.Enum):
+    """Why the tagging pass changed a node's policy (``node.meta["ckpt_tag_reason"]``).
+    A ``str`` too, so a reader comparing the meta to ``"boundary"`` keeps working."""
+
+    BOUNDARY = "boundary"  # a region's output read by another region: saved as eager saves it
+    RANDOM = "random"  # a random op (or a value from random values alone): saved
+    RANDOM_EXACT = "random_exact"  # inductor's seeded random: recomputed exactly
+    ANNOTATION = "annotation"  # a region from torch.fx.traceback.annotate

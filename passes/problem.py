@@ -32,8 +32,8 @@ from torch.utils.checkpoint import CheckpointPolicy
 from torch.utils.flop_counter import flop_registry
 
 from .facts import (
-    EXPENSIVE, NoRecompute, is_graph_input, mutates, placeholder_kind, random_recompute_differs, size_hint,
-    tensors_of, value_nbytes,
+    EXPENSIVE, NoRecompute, TagReason, is_graph_input, mutates, placeholder_kind, random_recompute_differs,
+    size_hint, tensors_of, value_nbytes,
 )
 
 aten = torch.ops.aten
@@ -171,7 +171,7 @@ def _save_weight(node: fx.Node, nbytes: int, never_saved: set[fx.Node]) -> int |
         # A value the user's policy keeps wins a tie against an untagged value of the same
         # size (the backward can rebuild the other from it, and boundaries too: see
         # .saving), rather than both being an arbitrary pick of the solver.
-        by_policy = node.meta.get("ckpt_tag_reason") not in ("boundary", "random")
+        by_policy = node.meta.get("ckpt_tag_reason") not in (TagReason.BOUNDARY, TagReason.RANDOM)
         return nbytes * 4 - (1 if by_policy and nbytes else 0)
     if _is_view(node) or isinstance(node.meta.get("val"), (list, tuple)):
         return None  # views are never worth saving on their own (save the base); nor tuples

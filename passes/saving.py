@@ -27,11 +27,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from .facts import EXPENSIVE, NoRecompute, TagReason, is_graph_input, mutates, random_recompute_differs
 from .mincut import Cut
-from .facts import EXPENSIVE, NoRecompute, is_graph_input, mutates, random_recompute_differs
 from .problem import JointInfo, Problem
 
 __all__ = ["WHY", "rebuild_boundaries", "why_saved"]
@@ -54,7 +53,7 @@ _POLICY_SAVE = (
 
 def is_boundary(info: JointInfo, i: int) -> bool:
     node = info.nodes[i]
-    return node.meta.get("ckpt_tag_reason") == "boundary" or info.reasons.get(node.name) is NoRecompute.BOUNDARY
+    return node.meta.get("ckpt_tag_reason") is TagReason.BOUNDARY or info.reasons.get(node.name) is NoRecompute.BOUNDARY
 
 
 def rebuild_boundaries(info: JointInfo, cut: Cut) -> Cut:
@@ -120,7 +119,7 @@ def why_saved(info: JointInfo, cut: Cut, memory_budget: float) -> dict[int, str]
         tag_reason = node.meta.get("ckpt_tag_reason")
         if is_boundary(info, i):
             why = "boundary"
-        elif tag_reason == "random" or info.reasons.get(node.name) is NoRecompute.RANDOM:
+        elif tag_reason is TagReason.RANDOM or info.reasons.get(node.name) is NoRecompute.RANDOM:
             why = "random"
         elif node.meta.get("recompute") in _POLICY_SAVE:
             why = "policy"
