@@ -210,9 +210,13 @@ def _compile_eager(gm, example_inputs, partitioner):
 
 @functools.lru_cache(maxsize=1)
 def _source_hash() -> bytes:
-    from ckpt_compile import __version__
+    import importlib.metadata
 
-    return _hash_sources(_graph_sources(), __version__)
+    try:
+        version = importlib.metadata.version("ckpt_compile")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        version = "source"
+    return _hash_sources(_graph_sources(), version)
 
 
 def _graph_sources() -> list[pathlib.Path]:
@@ -220,10 +224,10 @@ def _graph_sources() -> list[pathlib.Path]:
     package and of ``passes/``. The policies, the engine's tracing branch, the wrappers
     and the budget's baseline in diagnostics all do; a hand-kept narrower list missed
     them once (issue 21), and hashing the rest costs nothing but a cache miss."""
-    import ckpt_compile
     import ckpt_compile.passes as passes_pkg
 
-    roots = (pathlib.Path(ckpt_compile.__file__).parent, pathlib.Path(passes_pkg.__file__).parent)
+    package = pathlib.Path(__file__).resolve().parents[1]  # ckpt_compile/
+    roots = (package, pathlib.Path(passes_pkg.__file__).parent)
     return sorted({p.resolve() for root in roots for p in root.rglob("*.py")})
 
 
