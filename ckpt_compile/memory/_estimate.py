@@ -105,7 +105,7 @@ def _estimate(model, args, kwargs, make_optimizer, loss_fn) -> StepMemory:
                 output = model(*fake_args, **fake_kwargs)
                 tracker.phase = "loss"
                 loss = _loss(output, loss_fn)
-                tracker.phase = "backward"
+                tracker.start_backward(loss)
                 loss.backward()
                 del output, loss
                 if opt is not None:
