@@ -218,3 +218,41 @@ def test_estimate_matches_the_cuda_allocator_peak():
     step()
     real = cc.measure_memory(step)
     assert abs(est.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (est, real)
+
+
+_FACTORY = '''
+import torch
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+    def forward(self, x):
+        return self.body(x).pow(2).mean()
+
+def make():
+    torch.manual_seed(0)
+    return Model(), torch.randn(32, 64)
+'''
+
+
+def test_cli_prints_the_estimate_and_writes_the_picture(tmp_path, capsys):
+    import importlib.util
+
+    from ckpt_compile.cli._main import main
+
+    factory = tmp_path / "factory.py"
+    factory.write_text(_FACTORY)
+    assert main(["memory", f"{factory}:make", "--optimizer", "sgd", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    spec = importlib.util.spec_from_file_location("factory", factory)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, x = module.make()
+    expected = cc.estimate_memory(model, x, optimizer=U.OPTIMIZERS["sgd"])
+    assert printed.startswith(str(expected))
+    assert json.loads((tmp_path / "out" / "memory.json").read_text())["peak_bytes"] == expected.peak_bytes
+    assert "<svg" in (tmp_path / "out" / "memory.html").read_text()
+    assert main(["memory", f"{factory}:make", "--world-size", "0"]) == 2
+    assert "--world-size must be at least 1, got 0" in capsys.readouterr().err
