@@ -256,3 +256,12 @@ def test_cli_prints_the_estimate_and_writes_the_picture(tmp_path, capsys):
     assert "<svg" in (tmp_path / "out" / "memory.html").read_text()
     assert main(["memory", f"{factory}:make", "--world-size", "0"]) == 2
     assert "--world-size must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wrap,budget", [("none", 1.0), ("none", 0.5), ("ckpt_checkpoint", 1.0)])
+def test_estimate_matches_a_compiled_step(wrap, budget):
+    model, x = U.build("gpt", wrap)
+    compiled = torch.compile(model, backend=cc.backend_with(inner="eager", memory_budget=budget))
+    est = cc.estimate_memory(compiled, x, optimizer=torch.optim.AdamW)
+    real = U.measured(compiled, x, torch.optim.AdamW)
+    assert abs(est.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (est, real)

@@ -18,6 +18,7 @@ only when the peak falls inside such an operator (CPU convolutions' im2col buffe
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -78,7 +79,7 @@ def _estimate(model, args, kwargs, make_optimizer, loss_fn) -> StepMemory:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False) if name}
+    names = {id(m): _clean(name) for name, m in model.named_modules(remove_duplicate=False) if _clean(name)}
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     with fake_mode, _fake_state(model, fake_mode) as state:
@@ -99,7 +100,10 @@ def _estimate(model, args, kwargs, make_optimizer, loss_fn) -> StepMemory:
         hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.adopt(p.grad, "gradients")) for p in params]
         start = sum(tracker.totals)
         try:
-            with torch.enable_grad(), tracker:
+            with torch.enable_grad(), tracker, warnings.catch_warnings():
+                # Our module hooks are global while the step runs; torch.compile warns that
+                # they fire once more for the OptimizedModule, which the tracker expects.
+                warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
                 tracker.sample()
                 tracker.phase = "forward"
                 output = model(*fake_args, **fake_kwargs)
@@ -121,6 +125,15 @@ def _estimate(model, args, kwargs, make_optimizer, loss_fn) -> StepMemory:
         peak_bytes=tracker.peak, start_bytes=start, peak_phase=point.phase, peak_module=point.module,
         breakdown=dict(zip(CATEGORIES, point.bytes)), timeline=tuple(tracker.timeline),
         source="estimate on fake tensors", device=str(device), unit="op")
+
+
+# Wrappers' inner module names (torch.compile, checkpoint_wrapper, FSDP1) say nothing to
+# the user: "blocks.0._checkpoint_wrapped_module.fc" is reported as "blocks.0.fc".
+_WRAPPED = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def _clean(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPED)
 
 
 def _loss(output: Any, loss_fn) -> torch.Tensor:
