@@ -290,3 +290,18 @@ def fsdp2_world():
 
     return dist_utils.run_world([dist_utils.Scenario(f"gpt-{wrap}", U.fsdp2_peak, {"name": "gpt", "wrap": wrap})
                                  for wrap in ("none", "ckpt_checkpoint")], timeout_s=240)
+
+
+@pytest.mark.parametrize("module", ["ckpt_compile.memory._estimate", "ckpt_compile.memory._measure",
+                                    "ckpt_compile.memory._step", "ckpt_compile.diagnostics._step_picture"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted and not result.failed
+
+
+def test_public_names():
+    for name in ("estimate_memory", "measure_memory", "StepMemory"):
+        assert name in cc.__all__ and getattr(cc, name) is getattr(cc.memory, name)
