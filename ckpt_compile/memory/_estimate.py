@@ -54,9 +54,11 @@ def estimate_memory(model: nn.Module, *example_inputs: Any, optimizer: Any = Non
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"ckpt_compile.estimate_memory: world_size must be an int >= 1 (ranks), got {world_size!r}")
     if world_size > 1:
-        from ckpt_compile.memory._fsdp import estimate_sharded
+        from ckpt_compile.memory._fsdp import sharding_for
 
-        return estimate_sharded(model, example_inputs, example_kwargs, make_optimizer, loss_fn, world_size)
+        return _estimate(model, example_inputs, example_kwargs, make_optimizer, loss_fn,
+                         sharding=sharding_for(model, world_size),
+                         source=f"estimate on fake tensors, one rank of {world_size} under FSDP2")
     return _estimate(model, example_inputs, example_kwargs, make_optimizer, loss_fn)
 
 

@@ -28,21 +28,18 @@ from torch.utils._pytree import tree_leaves
 
 from ckpt_compile.memory._step import CATEGORIES
 
-__all__ = ["estimate_sharded"]
+__all__ = ["sharding_for"]
 
 _P, _G, _O = (CATEGORIES.index(c) for c in ("parameters", "gradients", "optimizer_state"))
 
 
-def estimate_sharded(model, args, kwargs, make_optimizer, loss_fn, world_size: int):
-    from ckpt_compile.memory._estimate import _estimate
-
+def sharding_for(model: nn.Module, world_size: int) -> "_Sharding":
+    """What ``_estimate`` needs to account one rank of ``world_size`` under FSDP2."""
     blocks = _blocks(model)
     if not blocks:
         raise ValueError("ckpt_compile.estimate_memory: world_size > 1 shards each block and the root, but the "
                          "model has no nn.ModuleList / nn.Sequential of blocks to shard")
-    sharding = _Sharding(model, blocks, world_size)
-    return _estimate(model, args, kwargs, make_optimizer, loss_fn, sharding=sharding,
-                     source=f"estimate on fake tensors, one rank of {world_size} under FSDP2")
+    return _Sharding(model, blocks, world_size)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
