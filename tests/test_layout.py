@@ -25,11 +25,12 @@ ALLOWED = {
     "modules": {"eager", "policies", "passes"},
     "diagnostics": {"eager", "passes"},
     "compile": {"eager", "passes", "diagnostics"},
-    "planner": {"eager", "policies", "modules", "diagnostics", "passes"},
-    "cli": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "top"},
-    "top": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "cli"},
+    "memory": {"eager", "policies", "modules", "diagnostics", "passes"},
+    "planner": {"eager", "policies", "modules", "diagnostics", "passes", "memory"},
+    "cli": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "memory", "top"},
+    "top": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "memory", "cli"},
 }
-SUBPACKAGES = ["eager", "modules", "compile", "diagnostics", "cli", "planner"]
+SUBPACKAGES = ["eager", "modules", "compile", "diagnostics", "cli", "planner", "memory"]
 
 
 def _modules() -> dict[str, pathlib.Path]:

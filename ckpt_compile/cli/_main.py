@@ -6,6 +6,7 @@
   example_inputs)``), print what ``backend="ckpt"`` saves and recomputes for it.
 - ``plan module:factory --memory-budget B``: print ``ckpt_compile.plan``'s per-block
   choice for that model under a budget (a fraction, bytes, or ``2GiB``-style sizes).
+- ``memory module:factory``: print the estimated peak of one training step (``_memory``).
 
 Errors (a bad ``module:factory``, a factory that raises, bad options) are one line on
 stderr with exit status 2, as argparse reports usage errors.
@@ -96,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="a fraction in (0, 1] of the no-checkpoint activation bytes (0.25), "
                       "bytes (1048576), or a size (512MiB, 2GiB, 1.5GB)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    from ckpt_compile.cli import _memory
+
+    _memory.add_parser(sub)
     return parser
 
 
@@ -110,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "memory":
+            from ckpt_compile.cli import _memory
+
+            return _memory.run(args, _call_factory, _out_folder, _UsageError)
         return _explain(args)
     except _UsageError as e:
         print(f"{_PROG} {args.command}: error: {e}", file=sys.stderr)
