@@ -12,7 +12,10 @@ from typing import Any, Callable
 
 import torch
 
+from torch._dynamo.exc import BackendCompilerFailed
+
 from ckpt_compile.compile._options import BackendOptions
+from ckpt_compile.eager._misuse import check_needs_grad, model_call_error
 from ckpt_compile.diagnostics._report import Report
 
 __all__ = ["explain"]
@@ -60,6 +63,13 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
             f"explain(model_or_fn, *example_inputs): expected an nn.Module or a function, got "
             f"{type(model_or_fn).__name__}"
         )
+    if isinstance(options.get("options"), dict):
+        spelled = ", ".join(f"{k}={v!r}" for k, v in options["options"].items())
+        raise ValueError(
+            f"explain: the backend's options are keywords of explain itself: explain(model, *inputs, "
+            f"{spelled}), not 'options'={{...}}"
+        )
+    check_needs_grad("explain", model_or_fn, example_inputs, {})
     compile_kwargs = {k: options.pop(k) for k in ("dynamic", "fullgraph") if k in options}
     opts = BackendOptions.from_mapping(options)  # ValueError for unknown or bad options
     with tempfile.TemporaryDirectory(prefix="ckpt_compile_explain_") as folder:
@@ -69,7 +79,12 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
         # even if this model was compiled before (its cache entries check the backend).
         compiled = torch.compile(model_or_fn, backend="ckpt", options=backend_options, **compile_kwargs)
         with torch.enable_grad():
-            compiled(*example_inputs)
+            try:
+                compiled(*example_inputs)
+            except BackendCompilerFailed:
+                raise  # the backend's own error (bad options, a partition failure): as it is
+            except Exception as e:  # the user's model on these inputs (issue 22): say which call
+                raise model_call_error("explain", model_or_fn, example_inputs, {}, e) from e
         if not path.exists():
             raise ValueError(
                 "explain: the compiled model produced no backward graph, so nothing is saved "

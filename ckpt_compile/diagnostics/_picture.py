@@ -204,6 +204,18 @@ def render_html(report, *, max_nodes: int = 400) -> str:
             f"{render_svg(report, max_nodes=max_nodes)}</div></body></html>\n")
 
 
+def _check_report(report: Any, path: Any) -> None:
+    if hasattr(report, "graphs") and hasattr(report, "regions"):
+        return
+    if isinstance(report, dict):
+        fix = "it is a dict: pass Report.from_dict(that_dict)"
+    elif isinstance(report, (str, os.PathLike)) and hasattr(path, "graphs"):
+        fix = "the arguments are swapped: write_picture(report, path)"
+    else:
+        fix = "pass the Report that cc.explain(model, *inputs) returns (or Report.read(path) of a saved one)"
+    raise TypeError(f"write_picture(report, path): report must be a ckpt_compile Report, got {type(report).__name__}; {fix}")
+
+
 def write_picture(report, path: str | os.PathLike, *, max_nodes: int = 400) -> pathlib.Path:
     """Write the picture of ``report`` (a :class:`~ckpt_compile.Report`) to ``path``: ``.svg``
     or ``.html`` (SVG inside, with the table); ``.png`` needs the optional ``cairosvg``
@@ -217,6 +229,7 @@ def write_picture(report, path: str | os.PathLike, *, max_nodes: int = 400) -> p
     >>> path.read_text().startswith("<!DOCTYPE html>")
     True
     """
+    _check_report(report, path)
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     if suffix == ".svg":

@@ -248,6 +248,7 @@ class Report:
             raise ValueError(
                 "Report.from_dict: expected the dict of Report.to_dict() (with a 'graphs' list), "
                 f"got {type(document).__name__}" + (f" with keys {sorted(document)}" if isinstance(document, dict) else "")
+                + ("; to load a report file, use Report.read(path)" if isinstance(document, (str, os.PathLike)) else "")
             )
         graphs = []
         for k, graph in enumerate(document["graphs"]):
