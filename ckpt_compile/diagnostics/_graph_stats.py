@@ -216,7 +216,8 @@ def graph_structure(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fw
     """The partitioned graph as plain JSON data for :func:`render_svg`.
 
     ``nodes``: ``[name, side, status, region]`` rows (side ``"forward"``/``"backward"``,
-    status ``saved``, ``banned``, ``forward``, ``recomputed`` or ``backward``); ``edges``: data edges within a side as index pairs;
+    status ``saved``, ``banned``, ``forward``, ``recomputed`` or ``backward``), to which
+    ``_report.graph_report`` appends ``op``, ``bytes`` and the source line (for the hover); ``edges``: data edges within a side as index pairs;
     ``cut``: a saved forward value -> the backward node reading it.
     """
     plan = fw_module.meta.get("ckpt_plan")

@@ -68,8 +68,21 @@ def graph_report(joint_module: fx.GraphModule, fw_module: fx.GraphModule, bw_mod
                                       base_fw)
 
     figures["graph"] = _graph_stats.graph_structure(fw_module, bw_module, num_fwd_outputs, region_of)
+    _describe_nodes(figures["graph"], fw_module, bw_module)
     figures["saved_values"] = _saved_values(fw_module, num_fwd_outputs, region_of)
     return figures
+
+
+def _describe_nodes(structure: dict[str, Any], fw_module, bw_module) -> None:
+    """Append to each node row what the picture shows on hover (issue 22): the operator,
+    its output bytes and the user's source line that ran it ("" where none is recorded)."""
+    nodes = {(side, n.name): n for side, module in (("forward", fw_module), ("backward", bw_module))
+             for n in _graph_stats.calls(module)}
+    for row in structure["nodes"]:
+        node = nodes[row[1], row[0]]
+        user = [f for f in _frames(node.meta.get("stack_trace") or "") if not _is_library(f[0])]
+        line = f"{os.path.basename(user[-1][0])}:{user[-1][1]} in {user[-1][2]}: {user[-1][3]}" if user else ""
+        row.extend([str(node.target), _graph_stats.node_bytes(node)[0], line])
 
 
 def _saved_values(fw_module, num_fwd_outputs, region_of) -> list[dict[str, Any]]:

@@ -131,11 +131,9 @@ def region_contexts(context_fn: Any) -> tuple[Any, Any]:
 
 
 def _selective_factory(fn: Any) -> str | None:
-    from ckpt_compile.eager._selective import create_selective_checkpoint_contexts
-
-    if fn is create_selective_checkpoint_contexts or fn is torch.utils.checkpoint.create_selective_checkpoint_contexts:
-        return "create_selective_checkpoint_contexts"
-    return None
+    # Ours or torch's, by name (the engine's selective module imports this one).
+    name = getattr(fn, "__name__", None)
+    return name if name == "create_selective_checkpoint_contexts" else None
 
 
 def check_policy(policy_fn: Callable) -> None:

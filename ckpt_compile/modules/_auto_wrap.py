@@ -36,6 +36,12 @@ __all__: list[str] = []
 
 def check_fn_policy(check_fn: Callable[[nn.Module], bool]) -> Callable[..., bool]:
     """The callable policy equivalent to FSDP's ``lambda_auto_wrap_policy(check_fn)``."""
+    if isinstance(check_fn, type):
+        raise TypeError(
+            f"apply_activation_checkpointing: check_fn must be a function module -> bool, got the "
+            f"class {check_fn.__name__}; to wrap every {check_fn.__name__}, pass "
+            f"check_fn=lambda m: isinstance(m, {check_fn.__name__})."
+        )
 
     def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
         if recurse:

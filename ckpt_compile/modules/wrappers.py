@@ -60,7 +60,6 @@ from __future__ import annotations
 import abc
 import enum
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -304,19 +303,8 @@ class OffloadWrapper(ActivationWrapper):
     """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with offload_saved_tensors(self._checkpoint_wrapped_module) as stats:
-            out = self._checkpoint_wrapped_module(*args, **kwargs)
-        if stats.copied == 0 and stats.packed > stats.kept_module_tensors:
-            # Everything it would offload is in host memory already (a CPU-only machine):
-            # it works, but saves nothing. Shown once per wrapped class (warnings' registry).
-            warnings.warn(
-                f"offload_wrapper({type(self._checkpoint_wrapped_module).__name__}): every activation it "
-                f"saves is already on CPU, so there is nothing to offload to; they are kept as they are. "
-                f"On a CPU-only machine, checkpoint_wrapper is what saves memory.",
-                UserWarning,
-                stacklevel=1,
-            )
-        return out
+        with offload_saved_tensors(self._checkpoint_wrapped_module, warn_on_cpu=True):
+            return self._checkpoint_wrapped_module(*args, **kwargs)
 
 
 def checkpoint_wrapper(
@@ -400,12 +388,6 @@ def apply_activation_checkpointing(
             raise TypeError(
                 f"apply_activation_checkpointing: check_fn must be a callable "
                 f"module -> bool, got {_short_repr(check_fn)}."
-            )
-        if isinstance(check_fn, type):
-            raise TypeError(
-                f"apply_activation_checkpointing: check_fn must be a function module -> bool, got the "
-                f"class {check_fn.__name__}; to wrap every {check_fn.__name__}, pass "
-                f"check_fn=lambda m: isinstance(m, {check_fn.__name__})."
             )
         auto_wrap_policy, chooser = _auto_wrap.check_fn_policy(check_fn), "check_fn"
     if not callable(checkpoint_wrapper_fn):
