@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from torch._dynamo.exc import BackendCompilerFailed
+from torch._dynamo.exc import BackendCompilerFailed, Unsupported
 
 from ckpt_compile.compile._options import BackendOptions
 from ckpt_compile.eager._misuse import check_needs_grad, model_call_error
@@ -41,6 +41,10 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
     or annotation), ``"random"``, ``"not recomputable"``, ``"budget"``, ``"needed by
     backward"`` or ``"recompute input"`` (see ``ckpt_compile.passes.saving.WHY``);
     ``report.saved_by_reason`` and the table's "why saved" section sum them.
+
+    A model that fails on ``example_inputs`` is a ``ValueError`` naming the inputs' dtypes,
+    shapes and devices, with the model's error chained; so is a model in which nothing
+    requires grad.
 
     ``str(report)`` is a table; ``report.to_dict()`` is JSON; see also
     ``cc.write_picture(report, "cut.html")``.
@@ -81,8 +85,8 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
         with torch.enable_grad():
             try:
                 compiled(*example_inputs)
-            except BackendCompilerFailed:
-                raise  # the backend's own error (bad options, a partition failure): as it is
+            except (BackendCompilerFailed, Unsupported):
+                raise  # the backend's own error, or a graph break under fullgraph=True: as it is
             except Exception as e:  # the user's model on these inputs (issue 22): say which call
                 raise model_call_error("explain", model_or_fn, example_inputs, {}, e) from e
         if not path.exists():

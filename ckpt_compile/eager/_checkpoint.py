@@ -81,6 +81,11 @@ def checkpoint(
             when such a hook is active. No effect without a selective policy.
             Non-reentrant only.
 
+    Mistakes get a ``TypeError`` saying what was passed and what is accepted: a
+    ``function`` that is not callable, a bare ``@checkpoint`` (a function given no inputs
+    that needs some), a ``context_fn`` that is not a function returning two context
+    managers (the pair itself, a policy, ``create_selective_checkpoint_contexts`` unbound).
+
     Under ``torch.compile`` the region is captured into the graph exactly as
     ``torch.utils.checkpoint.checkpoint`` would be with the same arguments (no graph
     break); when Dynamo is off or falls back, it runs eagerly with the recomputation

@@ -1,8 +1,10 @@
-"""Clear answers to the eager API's common mistakes (issue 22), checked where they are made.
+"""Clear answers to common mistakes (issue 22), checked where they are made.
 
-Private helpers of ``_checkpoint`` and ``_selective``: each error names the argument, what
-was received and what is accepted; each warning names a silent trap. They import nothing
-above the engine (policies mark themselves with plain attributes, read here):
+Private helpers of ``_checkpoint`` and ``_selective`` (the eager API), and of ``plan`` and
+``explain`` (a model that fails on its example inputs, or has nothing that needs a
+gradient): each error names the argument, what was received and what is accepted; each
+warning names a silent trap. They import nothing above the engine (policies mark
+themselves with plain attributes, read here):
 
 * ``_checkpoint_policy_factory``: on a policy *factory* (``save_only_these_names``): the
   call that makes a policy, shown when the factory itself is passed as a policy;

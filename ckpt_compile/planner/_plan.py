@@ -174,7 +174,9 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int, blo
 
     Raises:
         TypeError / ValueError: a bad ``memory_budget`` or ``blocks``, or blocks that match
-            nothing; ``ValueError`` naming the smallest feasible budget when none fits.
+            nothing; ``ValueError`` naming the smallest feasible budget when none fits;
+            ``ValueError`` when nothing requires grad, or when the model fails on the example
+            inputs (naming their dtypes, shapes and devices; the model's error is chained).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
