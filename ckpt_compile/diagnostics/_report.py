@@ -24,6 +24,7 @@ import os
 import pathlib
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 
 from ckpt_compile.diagnostics import _graph_stats
@@ -82,7 +83,8 @@ def _describe_nodes(structure: dict[str, Any], fw_module, bw_module) -> None:
         node = nodes[row[1], row[0]]
         user = [f for f in _frames(node.meta.get("stack_trace") or "") if not _is_library(f[0])]
         line = f"{os.path.basename(user[-1][0])}:{user[-1][1]} in {user[-1][2]}: {user[-1][3]}" if user else ""
-        row.extend([str(node.target), _graph_stats.node_bytes(node)[0], line])
+        one_tensor = isinstance(node.meta.get("val"), torch.Tensor)  # multi-output ops: their getitems count
+        row.extend([str(node.target), _graph_stats.node_bytes(node)[0] if one_tensor else 0, line])
 
 
 def _saved_values(fw_module, num_fwd_outputs, region_of) -> list[dict[str, Any]]:
