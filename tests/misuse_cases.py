@@ -213,7 +213,6 @@ def _cli(*argv: str) -> Callable[[], None]:
 
 # ---------------------------------------------------------------- the cases
 _SAC = "create_selective_checkpoint_contexts"
-_POLICY_MEMBERS = "CheckpointPolicy"
 
 CASES: list[Case] = [
     # -- cc.checkpoint ---------------------------------------------------------------
