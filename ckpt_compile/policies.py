@@ -95,8 +95,19 @@ def _name_of(op, args) -> str | None:
 def _check_names(api: str, names: tuple) -> frozenset:
     bad = [n for n in names if not isinstance(n, str)]
     if bad:
-        raise TypeError(f"policies.{api}(*names): names must be str, got {bad!r}")
+        hint = ""
+        if len(names) == 1 and isinstance(names[0], (list, tuple, set, frozenset)):
+            hint = f"; pass the names as separate arguments: {api}({', '.join(repr(n) for n in names[0])})"
+        raise TypeError(f"policies.{api}(*names): names must be str, got {bad!r}{hint}")
     return frozenset(names)
+
+
+def _named_policy(policy: Policy, name: str, names: frozenset) -> Policy:
+    # `_checkpoint_names`: read by the engine, which warns about a name that no
+    # checkpoint_name in the region used (a typo silently saves less; issue 22).
+    policy.__name__ = policy.__qualname__ = name
+    policy._checkpoint_names = names
+    return policy
 
 
 # ---------------------------------------------------------------------------- ops
@@ -138,8 +149,7 @@ def save_only_these_names(*names: str) -> Policy:
     def policy(ctx, op, *args, **kwargs):
         return _SAVE if _name_of(op, args) in wanted else _RECOMPUTE
 
-    policy.__name__ = policy.__qualname__ = f"save_only_these_names{tuple(sorted(wanted))}"
-    return policy
+    return _named_policy(policy, f"save_only_these_names{tuple(sorted(wanted))}", wanted)
 
 
 def save_any_names_but_these(*names: str) -> Policy:
@@ -151,8 +161,7 @@ def save_any_names_but_these(*names: str) -> Policy:
         name = _name_of(op, args)
         return _SAVE if name is not None and name not in unwanted else _RECOMPUTE
 
-    policy.__name__ = policy.__qualname__ = f"save_any_names_but_these{tuple(sorted(unwanted))}"
-    return policy
+    return _named_policy(policy, f"save_any_names_but_these{tuple(sorted(unwanted))}", unwanted)
 
 
 def offload_these_names(*names: str) -> Policy:
@@ -164,8 +173,7 @@ def offload_these_names(*names: str) -> Policy:
     def policy(ctx, op, *args, **kwargs):
         return _OFFLOAD if _name_of(op, args) in wanted else _RECOMPUTE
 
-    policy.__name__ = policy.__qualname__ = f"offload_these_names{tuple(sorted(wanted))}"
-    return policy
+    return _named_policy(policy, f"offload_these_names{tuple(sorted(wanted))}", wanted)
 
 
 class _Count:
@@ -271,6 +279,12 @@ def save_from_both(p: Policy, q: Policy) -> Policy:
     for which in (p, q):
         if not callable(which):
             raise TypeError(f"policies.save_from_both(p, q): policies must be callable, got {which!r}")
+        factory = getattr(which, "_checkpoint_policy_factory", None)
+        if factory:
+            raise TypeError(
+                f"policies.save_from_both(p, q): {which.__name__} makes a policy, it is not one: "
+                f"pass {factory} (its result is the policy)"
+            )
 
     fresh = [getattr(which, "fresh_per_region", None) for which in (p, q)]
 
@@ -286,4 +300,17 @@ def save_from_both(p: Policy, q: Policy) -> Policy:
     )
     if any(fresh):  # a counting policy inside: a fresh pair per region run (see save_ops)
         policy.fresh_per_region = lambda: save_from_both(*(f() if f else w for f, w in zip(fresh, (p, q))))
+    names = getattr(p, "_checkpoint_names", frozenset()) | getattr(q, "_checkpoint_names", frozenset())
+    if names:
+        policy._checkpoint_names = names
     return policy
+
+
+# Factories passed where a policy belongs get this hint (the engine reads the attribute).
+for _factory, _call in ((save_only_these_names, "save_only_these_names('name', ...)"),
+                        (save_any_names_but_these, "save_any_names_but_these('name', ...)"),
+                        (offload_these_names, "offload_these_names('name', ...)"),
+                        (save_ops, "save_ops(torch.ops.aten.mm.default, ...)"),
+                        (save_from_both, "save_from_both(policy_a, policy_b)")):
+    _factory._checkpoint_policy_factory = _call
+del _factory, _call

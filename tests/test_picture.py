@@ -141,3 +141,26 @@ def test_png_needs_an_extra_with_an_install_hint(report, tmp_path):
 def test_unknown_file_type_is_an_error(report, tmp_path):
     with pytest.raises(ValueError, match=r"unsupported file type .*cut.pdf.*use .svg, .html or .png"):
         write_picture(report, tmp_path / "cut.pdf")
+
+
+def test_the_page_explains_its_boxes_and_each_box_says_what_it_holds(report):
+    # Issue 22: the r0:6 / -:5 labels are explained on the page, the red lines are named as
+    # what to look at first, and hovering a box shows its ops, bytes and source line.
+    root = ET.fromstring(render_svg(report, max_nodes=10))
+    captions = [t.text for t in root.iter(f"{SVG}text") if t.get("class") == "caption"]
+    assert any(c.startswith("Look at the red lines first") for c in captions), captions
+    assert any("\u201cr0:50\u201d is region 0 (checkpoint region), 50 nodes" in c for c in captions), captions
+    labels = {t.text for t in root.iter(f"{SVG}text") if t.get("class") == "small"}
+    hovers = {b.find(f"{SVG}title").text for b in _boxes(root)}
+    (region0,) = [h for h in hovers if h.startswith("forward, region 0:")]
+    n = int(region0.split(": ")[1].split(" ")[0])
+    assert f"r0:{n}" in labels
+    assert "ops: aten.t.default x2, aten.addmm.default x2, aten.relu.default x2" in region0
+    assert "source: test_picture.py:27 in" in region0
+    # The box holding the saved value says how many bytes it keeps for the backward.
+    saved = report.saved_values[0]
+    assert any(f"saved for backward: {saved['bytes'] / 1024:.2f} KiB" in h for h in hovers), hovers
+    # Uncollapsed, one box per node: its op and output bytes.
+    full = {b.find(f"{SVG}title").text for b in _boxes(ET.fromstring(render_svg(report)))}
+    assert any("ops: aten.relu.default\noutput: 8.00 KiB" in h for h in full), full
+

@@ -226,7 +226,7 @@ def _plan(args) -> int:
     try:
         plan = cc.plan(model, *inputs, memory_budget=budget)
     except (TypeError, ValueError) as e:  # ours: already one line that names the fix
-        raise _UsageError(str(e)) from e
+        raise _UsageError(f"plan({args.factory}) failed: {e}") from e
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise _UsageError(f"plan({args.factory}) failed: {type(e).__name__}: {first}") from e

@@ -12,8 +12,11 @@ from typing import Any, Callable
 
 import torch
 
+from torch._dynamo.exc import BackendCompilerFailed, Unsupported
+
 from ckpt_compile.compile._backend import compile_graph, show_report
 from ckpt_compile.compile._options import BackendOptions
+from ckpt_compile.eager._misuse import check_needs_grad, model_call_error
 from ckpt_compile.diagnostics._report import Report
 
 __all__ = ["explain"]
@@ -41,6 +44,10 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
     backward"`` or ``"recompute input"`` (see ``ckpt_compile.passes.saving.WHY``);
     ``report.saved_by_reason`` and the table's "why saved" section sum them.
 
+    A model that fails on ``example_inputs`` is a ``ValueError`` naming the inputs' dtypes,
+    shapes and devices, with the model's error chained; so is a model in which nothing
+    requires grad.
+
     ``str(report)`` is a table; ``report.to_dict()`` is JSON; see also
     ``cc.write_picture(report, "cut.html")``.
 
@@ -62,6 +69,13 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
             f"explain(model_or_fn, *example_inputs): expected an nn.Module or a function, got "
             f"{type(model_or_fn).__name__}"
         )
+    if isinstance(options.get("options"), dict):
+        spelled = ", ".join(f"{k}={v!r}" for k, v in options["options"].items())
+        raise ValueError(
+            f"explain: the backend's options are keywords of explain itself: explain(model, *inputs, "
+            f"{spelled}), not 'options'={{...}}"
+        )
+    check_needs_grad("explain", model_or_fn, example_inputs, {})
     compile_kwargs = {k: options.pop(k) for k in ("dynamic", "fullgraph") if k in options}
     opts = BackendOptions.from_mapping(options)  # ValueError for unknown or bad options
     graphs: list[dict[str, Any]] = []
@@ -77,7 +91,12 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
     # before (its cache entries check the backend).
     compiled = torch.compile(model_or_fn, backend=ckpt, **compile_kwargs)
     with torch.enable_grad():
-        compiled(*example_inputs)
+        try:
+            compiled(*example_inputs)
+        except (BackendCompilerFailed, Unsupported):
+            raise  # the backend's own error, or a graph break under fullgraph=True: as it is
+        except Exception as e:  # the user's model on these inputs (issue 22): say which call
+            raise model_call_error("explain", model_or_fn, example_inputs, {}, e) from e
     if not graphs:
         raise ValueError(
             "explain: the compiled model produced no backward graph, so nothing is saved "

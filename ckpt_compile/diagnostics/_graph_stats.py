@@ -23,6 +23,7 @@ with or without our eager checkpointing (selective checkpointing's cache include
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import sympy
@@ -82,7 +83,26 @@ def saved_tensor_bytes(forward: Callable[[], Any]) -> int:
     >>> cc.saved_tensor_bytes(lambda: cc.checkpoint(lambda t: lin(t).relu().sin(), x, use_reentrant=False)) // 2**20
     1
     """
+    _check_forward(forward)
     return sum(saved_storages(forward).values())
+
+
+def _check_forward(forward: Any) -> None:
+    """``saved_tensor_bytes(model(x))`` and ``saved_tensor_bytes(model)`` are the common
+    slips: the function is called with no arguments, so the inputs go in a lambda."""
+    fix = "pass a function of no arguments that runs the forward: saved_tensor_bytes(lambda: model(x))"
+    if not callable(forward):
+        raise TypeError(f"saved_tensor_bytes(forward): forward must be a callable, got {type(forward).__name__}; {fix}")
+    if isinstance(forward, torch.nn.Module):
+        try:
+            inspect.signature(forward.forward).bind()
+        except TypeError:
+            raise TypeError(
+                f"saved_tensor_bytes(forward): forward is called with no arguments, but the "
+                f"{type(forward).__name__} needs its inputs; {fix}"
+            ) from None
+        except ValueError:
+            pass
 
 
 def saved_storages(forward: Callable[[], Any]) -> dict[int, int]:
@@ -197,7 +217,8 @@ def graph_structure(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fw
     """The partitioned graph as plain JSON data for :func:`render_svg`.
 
     ``nodes``: ``[name, side, status, region]`` rows (side ``"forward"``/``"backward"``,
-    status ``saved``, ``banned``, ``forward``, ``recomputed`` or ``backward``); ``edges``: data edges within a side as index pairs;
+    status ``saved``, ``banned``, ``forward``, ``recomputed`` or ``backward``), to which
+    ``_report.graph_report`` appends ``op``, ``bytes`` and the source line (for the hover); ``edges``: data edges within a side as index pairs;
     ``cut``: a saved forward value -> the backward node reading it.
     """
     plan = fw_module.meta.get("ckpt_partition")

@@ -48,16 +48,22 @@ def _items(structure: dict[str, Any], collapse: bool) -> tuple[list[dict], list[
     items: list[dict] = []
     box_of: list[int] = []
     current: dict[str, int] = {}  # side -> index of its open box
-    for side, status, region in ((n[1], n[2], n[3]) for n in structure["nodes"]):
+    for row in structure["nodes"]:
+        side, status, region = row[1], row[2], row[3]
         if not collapse or side not in current or items[current[side]]["region"] != region:
             current[side] = len(items)
-            items.append({"side": side, "region": region, "counts": {}, "names": []})
+            items.append({"side": side, "region": region, "counts": {}, "names": [], "ops": {},
+                          "bytes": 0, "source": ""})
         k = current[side]
-        items[k]["counts"][status] = items[k]["counts"].get(status, 0) + 1
+        item = items[k]
+        item["counts"][status] = item["counts"].get(status, 0) + 1
+        if len(item["names"]) < 3:
+            item["names"].append(row[0])
+        if len(row) >= 7:  # op, output bytes, source line (reports written before issue 22 lack them)
+            item["ops"][row[4]] = item["ops"].get(row[4], 0) + 1
+            item["bytes"] += row[5] if status == "saved" or not collapse else 0
+            item["source"] = item["source"] or row[6]
         box_of.append(k)
-    for name, k in zip((n[0] for n in structure["nodes"]), box_of):
-        if len(items[k]["names"]) < 3:
-            items[k]["names"].append(name)
     return items, box_of
 
 
@@ -115,9 +121,7 @@ def _graph_svg(structure: dict[str, Any], top: float, max_nodes: int) -> tuple[l
 
 def _box(item: dict, x0: float, y0: float, width: float, collapse: bool) -> list[str]:
     total = sum(item["counts"].values())
-    region = "outside regions" if item["region"] is None else f"region {item['region']}"
-    detail = ", ".join(f"{count} {status}" for status, count in item["counts"].items())
-    title = escape(f"{item['side']} {region}: {detail} ({', '.join(item['names'])}{', ...' if total > 3 else ''})")
+    title = escape(_hover(item, collapse))
     parts, offset = [f"<g><title>{title}</title>"], 0.0
     for status in COLORS:  # stripes, in legend order
         count = item["counts"].get(status, 0)
@@ -131,6 +135,38 @@ def _box(item: dict, x0: float, y0: float, width: float, collapse: bool) -> list
         parts.append(f'<text x="{x0 + width / 2:.1f}" y="{y0 + _BOX_H + 12:.1f}" text-anchor="middle" class="small">{label}</text>')
     parts.append("</g>")
     return parts
+
+
+def _hover(item: dict, collapse: bool) -> str:
+    """What hovering a box shows: where it is, its nodes, ops, bytes and source line."""
+    total = sum(item["counts"].values())
+    region = "outside checkpoint regions" if item["region"] is None else f"region {item['region']}"
+    detail = ", ".join(f"{count} {status}" for status, count in item["counts"].items())
+    lines = [f"{item['side']}, {region}: {total} node{'s' if total != 1 else ''} ({detail})",
+             f"nodes: {', '.join(item['names'])}{', ...' if total > 3 else ''}"]
+    if item["ops"]:
+        ops = sorted(item["ops"].items(), key=lambda kv: -kv[1])
+        lines.append("ops: " + ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops[:6])
+                     + (", ..." if len(ops) > 6 else ""))
+        what = "saved for backward" if collapse else "output"
+        if item["bytes"] or not collapse:
+            lines.append(f"{what}: {format_bytes(item['bytes'])}")
+    if item["source"]:
+        lines.append(f"source: {item['source']}")
+    return "\n".join(lines)
+
+
+def _caption(top: float) -> tuple[list[str], float]:
+    """Two sentences on the page that say how to read the picture."""
+    text = [
+        "Look at the red lines first: each one is a value saved for backward, crossing the cut from the "
+        "forward lane (fw) to the backward lane (bw); that is the memory kept until the backward.",
+        "Each box is a node of the compiled graph; on large graphs a box is a run of nodes: \u201cr0:50\u201d "
+        "is region 0 (checkpoint region), 50 nodes; \u201c-:17\u201d is 17 nodes outside any region. "
+        "Hover a box for its ops, bytes and source line.",
+    ]
+    parts = [f'<text x="{_MARGIN}" y="{top + 12 + 16 * k}" class="caption">{escape(t)}</text>' for k, t in enumerate(text)]
+    return parts, _MARGIN + 6.0 * max(len(t) for t in text)
 
 
 def _bars_svg(regions: list[dict[str, Any]], top: float) -> tuple[list[str], float, float]:
@@ -169,7 +205,7 @@ def _legend(top: float) -> tuple[list[str], float]:
 
 
 _STYLE = ("<style>text{font-family:sans-serif;font-size:13px}.small{font-size:10px}.title{font-weight:bold}"
-          ".lane{font-weight:bold;fill:#555}.box{fill:none;stroke:#333;stroke-width:0.5}"
+          ".caption{font-size:12px;fill:#222}.lane{font-weight:bold;fill:#555}.box{fill:none;stroke:#333;stroke-width:0.5}"
           ".edge{fill:none;stroke:#999;stroke-width:0.6}.cut{stroke:#d62728;stroke-width:1.2}"
           ".cutline{stroke:#000;stroke-dasharray:6,4}.band{fill:#eeeeee;stroke:#999;stroke-width:0.5}</style>")
 
@@ -178,8 +214,9 @@ def render_svg(report, *, max_nodes: int = 400) -> str:
     """One SVG document: each compiled graph with its cut, then the per-region bar chart."""
     parts, width, y = [_STYLE], 600.0, 10.0
     legend, legend_w = _legend(y)
-    parts += legend
-    width, y = max(width, legend_w), y + 24
+    caption, caption_w = _caption(y + 20)
+    parts += legend + caption
+    width, y = max(width, legend_w, caption_w), y + 24 + 40
     for k, graph in enumerate(report.graphs):
         structure = graph.get("graph")
         n = len(structure["nodes"]) if structure else 0
@@ -205,6 +242,18 @@ def render_html(report, *, max_nodes: int = 400) -> str:
             f"{render_svg(report, max_nodes=max_nodes)}</div></body></html>\n")
 
 
+def _check_report(report: Any, path: Any) -> None:
+    if hasattr(report, "graphs") and hasattr(report, "regions"):
+        return
+    if isinstance(report, dict):
+        fix = "it is a dict: pass Report.from_dict(that_dict)"
+    elif isinstance(report, (str, os.PathLike)) and hasattr(path, "graphs"):
+        fix = "the arguments are swapped: write_picture(report, path)"
+    else:
+        fix = "pass the Report that cc.explain(model, *inputs) returns (or Report.read(path) of a saved one)"
+    raise TypeError(f"write_picture(report, path): report must be a ckpt_compile Report, got {type(report).__name__}; {fix}")
+
+
 def write_picture(report, path: str | os.PathLike, *, max_nodes: int = 400) -> pathlib.Path:
     """Write the picture of ``report`` (a :class:`~ckpt_compile.Report`: the cut; or a
     :class:`~ckpt_compile.StepMemory`: memory over the step, stacked by category, the peak
@@ -219,6 +268,7 @@ def write_picture(report, path: str | os.PathLike, *, max_nodes: int = 400) -> p
     >>> path.read_text().startswith("<!DOCTYPE html>")
     True
     """
+    _check_report(report, path)
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     if _step_picture.is_step_memory(report):

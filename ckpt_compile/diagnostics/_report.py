@@ -24,6 +24,7 @@ import os
 import pathlib
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 
 from ckpt_compile.diagnostics import _graph_stats
@@ -68,8 +69,22 @@ def graph_report(joint_module: fx.GraphModule, fw_module: fx.GraphModule, bw_mod
                                       base_fw)
 
     figures["graph"] = _graph_stats.graph_structure(fw_module, bw_module, num_fwd_outputs, region_of)
+    _describe_nodes(figures["graph"], fw_module, bw_module)
     figures["saved_values"] = _saved_values(fw_module, num_fwd_outputs, region_of)
     return figures
+
+
+def _describe_nodes(structure: dict[str, Any], fw_module, bw_module) -> None:
+    """Append to each node row what the picture shows on hover (issue 22): the operator,
+    its output bytes and the user's source line that ran it ("" where none is recorded)."""
+    nodes = {(side, n.name): n for side, module in (("forward", fw_module), ("backward", bw_module))
+             for n in _graph_stats.calls(module)}
+    for row in structure["nodes"]:
+        node = nodes[row[1], row[0]]
+        user = [f for f in _frames(node.meta.get("stack_trace") or "") if not _is_library(f[0])]
+        line = f"{os.path.basename(user[-1][0])}:{user[-1][1]} in {user[-1][2]}: {user[-1][3]}" if user else ""
+        one_tensor = isinstance(node.meta.get("val"), torch.Tensor)  # multi-output ops: their getitems count
+        row.extend([str(node.target), _graph_stats.node_bytes(node)[0] if one_tensor else 0, line])
 
 
 def _saved_values(fw_module, num_fwd_outputs, region_of) -> list[dict[str, Any]]:
@@ -248,6 +263,7 @@ class Report:
             raise ValueError(
                 "Report.from_dict: expected the dict of Report.to_dict() (with a 'graphs' list), "
                 f"got {type(document).__name__}" + (f" with keys {sorted(document)}" if isinstance(document, dict) else "")
+                + ("; to load a report file, use Report.read(path)" if isinstance(document, (str, os.PathLike)) else "")
             )
         graphs = []
         for k, graph in enumerate(document["graphs"]):

@@ -7,6 +7,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from ckpt_compile.eager import _misuse
 from ckpt_compile.eager._common import _skip_as_fresh_frame, noop_context_fn
 from ckpt_compile.eager._torch_api import reentrant_options_message
 
@@ -80,6 +81,11 @@ def checkpoint(
             when such a hook is active. No effect without a selective policy.
             Non-reentrant only.
 
+    Mistakes get a ``TypeError`` saying what was passed and what is accepted: a
+    ``function`` that is not callable, a bare ``@checkpoint`` (a function given no inputs
+    that needs some), a ``context_fn`` that is not a function returning two context
+    managers (the pair itself, a policy, ``create_selective_checkpoint_contexts`` unbound).
+
     Under ``torch.compile`` the region is captured into the graph exactly as
     ``torch.utils.checkpoint.checkpoint`` would be with the same arguments (no graph
     break); when Dynamo is off or falls back, it runs eagerly with the recomputation
@@ -102,9 +108,15 @@ def checkpoint(
     )
     if function is None and not args:
         if kwargs:
-            raise ValueError("Unexpected keyword arguments: " + ",".join(kwargs))
+            raise _misuse.unexpected_keywords(
+                "ckpt_compile.checkpoint", kwargs,
+                "(the decorator form, with no function) accepts only its options: "
+                + ", ".join(_misuse.CHECKPOINT_KEYWORDS) + "; the decorated function's own keywords "
+                "go to its calls.",
+            )
         options.validate("ckpt_compile.checkpoint")
         return functools.partial(_CheckpointedFunction, options=options)
+    _misuse.check_function(function, bool(args or kwargs))
     return _checkpoint_call(function, args, kwargs, options)
 
 
@@ -166,7 +178,7 @@ def _checkpoint_eager(function, args, kwargs, options: _Options):
     # Dynamo stays off for the whole eager region, like torch's checkpoint: after a graph
     # break it must not start tracing our bookkeeping or the user's recomputation.
     if options.use_reentrant:
-        if kwargs:
+        if kwargs:  # torch's words, exactly (tests/test_eager_errors.py holds the parity)
             raise ValueError("Unexpected keyword arguments: " + ",".join(kwargs))
         respect_passed = options.respect_saved_tensors_hooks is not None
         if options.context_fn is not noop_context_fn or options.debug is not False or respect_passed:
@@ -221,12 +233,27 @@ def checkpoint_sequential(functions, segments: int, input, use_reentrant: bool |
         use_reentrant = True
     preserve = kwargs.pop("preserve_rng_state", True)
     if kwargs:
-        raise ValueError("Unexpected keyword arguments: " + ",".join(kwargs))
+        raise _misuse.unexpected_keywords(
+            "ckpt_compile.checkpoint_sequential", kwargs,
+            "accepts only use_reentrant and preserve_rng_state; for other options (context_fn, "
+            "debug, ...) checkpoint each segment with ckpt_compile.checkpoint.",
+        )
     if isinstance(functions, torch.nn.Sequential):
         functions = list(functions.children())
+    elif isinstance(functions, torch.nn.Module) or not hasattr(functions, "__len__"):
+        raise TypeError(
+            f"checkpoint_sequential: functions must be an nn.Sequential or a list of callables, got "
+            f"{_misuse.describe(functions)}; to checkpoint one module, use "
+            f"ckpt_compile.checkpoint(module, input, use_reentrant=False)."
+        )
     if not isinstance(segments, int) or isinstance(segments, bool):
-        raise ValueError(f"checkpoint_sequential: segments must be an int, got {type(segments).__name__}.")
-    if not 1 <= segments <= max(len(functions), 1) or not functions:
+        raise ValueError(
+            f"checkpoint_sequential: segments must be an int, got {_misuse.describe(segments)}; the "
+            f"call is checkpoint_sequential(functions, segments, input, use_reentrant=False)."
+        )
+    if not functions:
+        raise ValueError("checkpoint_sequential: functions is empty; pass the layers to run in order.")
+    if not 1 <= segments <= len(functions):
         raise ValueError(
             f"checkpoint_sequential: segments must be between 1 and the number of functions "
             f"({len(functions)}), got {segments}."

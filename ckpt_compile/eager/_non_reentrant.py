@@ -252,7 +252,9 @@ def _region_contexts(context_fn: Callable, debug: bool):
 
         traces = _DebugTraces()
         return (*traces.contexts(), traces.raise_with_traces)
-    forward_context, recompute_context = context_fn()
+    from ckpt_compile.eager._misuse import region_contexts
+
+    forward_context, recompute_context = region_contexts(context_fn)
     return forward_context, recompute_context, None
 
 

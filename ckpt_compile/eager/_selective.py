@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import CheckpointPolicy
 
+from ckpt_compile.eager._misuse import PolicyWatch, check_policy
 from ckpt_compile.eager._named_values import aliases, is_name_op, storage_ptr
 from ckpt_compile.passes.facts import as_policy
 from ckpt_compile.eager._torch_api import (
@@ -142,14 +143,15 @@ def _is_tracing() -> bool:
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
 
 
-def _as_policy(value: Any, func) -> CheckpointPolicy:
+def _as_policy(value: Any, func, policy_fn=None) -> CheckpointPolicy:
     policy = as_policy(value)  # a member, or PyTorch's older boolean form (True means save)
     if policy is not None:
         return policy
+    name = getattr(policy_fn, "__name__", None)
     raise TypeError(
-        f"selective checkpoint policy returned {value!r} for {func}; expected a "
-        "CheckpointPolicy member (MUST_SAVE, PREFER_SAVE, MUST_RECOMPUTE, PREFER_RECOMPUTE, "
-        "MUST_CPU_OFFLOAD, PREFER_CPU_OFFLOAD) or a bool."
+        f"selective checkpoint policy {name + ' ' if name else ''}returned {value!r} for {func}; "
+        "expected a CheckpointPolicy member (MUST_SAVE, PREFER_SAVE, MUST_RECOMPUTE, PREFER_RECOMPUTE, "
+        "MUST_CPU_OFFLOAD, PREFER_CPU_OFFLOAD) or a bool, for every operator (a missing `return` gives None)."
     )
 
 
@@ -169,6 +171,7 @@ class _SaveMode(TorchDispatchMode):
         # the user's saved_tensors_hooks (True), not (False), not and warn on 2.14+ (None).
         self.respect_saved_tensors_hooks: bool | None = None
         self.calls: dict = defaultdict(int)
+        self.watch = PolicyWatch()  # clear errors and warnings for policy mistakes (issue 22)
         # Storage pointer -> (op, call index, layout) of the outputs that own their storage,
         # so a saved name can be served by the output it copies (see `_serve_name`).
         self.producers: dict[int, tuple] = {}
@@ -178,7 +181,9 @@ class _SaveMode(TorchDispatchMode):
     def __exit__(self, *exc):
         if self.producers:
             self.producers.clear()  # only the forward reads it; keep nothing until the backward
-        return super().__exit__(*exc)
+        result = super().__exit__(*exc)
+        self.watch.finish(self.policy_fn, exc[1] if len(exc) > 1 else None)
+        return result
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -198,10 +203,16 @@ class _SaveMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         index = self.calls[func]
         self.calls[func] += 1
-        policy = _as_policy(
-            self.policy_fn(SelectiveCheckpointContext(is_recompute=False, op_output=out), func, *args, **kwargs),
-            func,
-        )
+        if is_name_op(func):
+            self.watch.names_used.add(args[1])
+        try:
+            policy = _as_policy(
+                self.policy_fn(SelectiveCheckpointContext(is_recompute=False, op_output=out), func, *args, **kwargs),
+                func, self.policy_fn,
+            )
+        except TypeError as e:
+            self.watch.error = e
+            raise
         if graph is not None:
             for node in list(graph.nodes)[before:]:
                 node.meta["recompute"] = policy
@@ -211,6 +222,7 @@ class _SaveMode(TorchDispatchMode):
                 lambda x: _Cached(x, False, hooks) if isinstance(x, torch.Tensor) else x, out
             )
         elif policy in _OFFLOAD:
+            self.watch.offloading(self.policy_fn, func, out)
             self.storage[func][index] = tree_map(lambda x: _Cached(x, True) if isinstance(x, torch.Tensor) else x, out)
         else:
             self.storage[func][index] = _RECOMPUTE
@@ -395,6 +407,7 @@ def create_selective_checkpoint_contexts(policy_fn_or_list, allow_cache_entry_mu
         def policy_fn(ctx, op, *args, **kwargs):
             return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
     elif callable(policy_fn_or_list):
+        check_policy(policy_fn_or_list)
         policy_fn = policy_fn_or_list
     else:
         raise TypeError(

@@ -25,6 +25,7 @@ wrapped once (every parent then holds the same wrapper).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,22 +36,63 @@ __all__: list[str] = []
 
 def check_fn_policy(check_fn: Callable[[nn.Module], bool]) -> Callable[..., bool]:
     """The callable policy equivalent to FSDP's ``lambda_auto_wrap_policy(check_fn)``."""
+    if isinstance(check_fn, type):
+        raise TypeError(
+            f"apply_activation_checkpointing: check_fn must be a function module -> bool, got the "
+            f"class {check_fn.__name__}; to wrap every {check_fn.__name__}, pass "
+            f"check_fn=lambda m: isinstance(m, {check_fn.__name__})."
+        )
 
     def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-        return True if recurse else bool(check_fn(module))
+        if recurse:
+            return True
+        answer = check_fn(module)
+        if not isinstance(answer, bool) and not policy.non_bool:
+            policy.non_bool.append((type(module).__name__, answer))  # the first one, for the warning
+        return bool(answer)
 
+    policy.non_bool = []
     return policy
+
+
+def warn_if_nothing_wrapped(model: nn.Module, policy: Any, chooser: str, wrapped: int) -> None:
+    """The silent traps of ``apply_activation_checkpointing`` (issue 22): a ``check_fn``
+    answering something else than a bool (a missing ``return`` gives None), and a policy
+    that matched no submodule."""
+    for cls, answer in getattr(policy, "non_bool", ()):
+        warnings.warn(
+            f"apply_activation_checkpointing: check_fn returned {answer!r} ({type(answer).__name__}) for a "
+            f"{cls}, not a bool; it was read as {bool(answer)}. Return True or False (a function without "
+            f"`return` gives None).",
+            UserWarning,
+            stacklevel=3,
+        )
+    if not wrapped:
+        warnings.warn(
+            f"apply_activation_checkpointing wrapped no submodule of the {type(model).__name__}: its "
+            f"{chooser} selected none (the root module itself is never wrapped). Check the class it "
+            f"tests for, e.g. check_fn=lambda m: isinstance(m, Block).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def wrap_submodules(
     model: nn.Module,
     policy: Callable[..., bool] | Any,
     wrapper_fn: Callable[..., nn.Module],
-) -> None:
-    """Replace the submodules of ``model`` that ``policy`` selects by ``wrapper_fn(module)``."""
+) -> int:
+    """Replace the submodules of ``model`` that ``policy`` selects by ``wrapper_fn(module)``;
+    returns how many were wrapped."""
+    calls = []
+
+    def counted(module: nn.Module, **kwargs: Any) -> nn.Module:
+        calls.append(module)
+        return _call_wrapper(wrapper_fn, module, kwargs)
+
     if callable(policy):
-        _wrap_with_callable_policy(model, policy, wrapper_fn)
-        return
+        _wrap_with_callable_policy(model, policy, counted)
+        return len(calls)
     run_policy = getattr(policy, "_run_policy", None)
     if run_policy is None:
         raise ValueError(
@@ -59,7 +101,8 @@ def wrap_submodules(
             f"(e.g. torch.distributed.fsdp.wrap.ModuleWrapPolicy), got {policy!r}."
         )
     targets = run_policy(model, ignored_modules=set(), root_kwargs={})
-    _wrap_targets_post_order(model, targets, wrapper_fn)
+    _wrap_targets_post_order(model, targets, counted)
+    return len(calls)
 
 
 def _wrap_with_callable_policy(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -68,11 +69,12 @@ def _shares_storage(tensor: torch.Tensor, pointers: set[int]) -> bool:
 
 
 @contextlib.contextmanager
-def offload_saved_tensors(module: nn.Module) -> Iterator[OffloadStats]:
+def offload_saved_tensors(module: nn.Module, warn_on_cpu: bool = False) -> Iterator[OffloadStats]:
     """Within the block, tensors saved for backward live on the CPU.
 
     Each one comes back to its original device when backward unpacks it. Yields an
-    :class:`OffloadStats` that counts what was kept, copied and pinned.
+    :class:`OffloadStats` that counts what was kept, copied and pinned. ``warn_on_cpu``:
+    warn when every activation was in host memory already (nothing to offload to).
     """
     stats = OffloadStats()
     module_storages = _module_storages(module)
@@ -103,3 +105,13 @@ def offload_saved_tensors(module: nn.Module) -> Iterator[OffloadStats]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield stats
+    if warn_on_cpu and stats.copied == 0 and stats.packed > stats.kept_module_tensors:
+        # A CPU-only machine: it works but saves nothing (issue 22). Shown once per wrapped
+        # class: the warnings registry drops a repeated message from the same line.
+        warnings.warn(
+            f"offload_wrapper({type(module).__name__}): every activation it saves is already on CPU, "
+            f"so there is nothing to offload to; they are kept as they are. On a CPU-only machine, "
+            f"checkpoint_wrapper is what saves memory.",
+            UserWarning,
+            stacklevel=1,
+        )

@@ -303,7 +303,7 @@ class OffloadWrapper(ActivationWrapper):
     """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with offload_saved_tensors(self._checkpoint_wrapped_module):
+        with offload_saved_tensors(self._checkpoint_wrapped_module, warn_on_cpu=True):
             return self._checkpoint_wrapped_module(*args, **kwargs)
 
 
@@ -382,20 +382,22 @@ def apply_activation_checkpointing(
             f"apply_activation_checkpointing: model must be an nn.Module, got "
             f"{type(model).__qualname__} ({_short_repr(model)})."
         )
+    chooser = "auto_wrap_policy"
     if auto_wrap_policy is None:
         if not callable(check_fn):
             raise TypeError(
                 f"apply_activation_checkpointing: check_fn must be a callable "
                 f"module -> bool, got {_short_repr(check_fn)}."
             )
-        auto_wrap_policy = _auto_wrap.check_fn_policy(check_fn)
+        auto_wrap_policy, chooser = _auto_wrap.check_fn_policy(check_fn), "check_fn"
     if not callable(checkpoint_wrapper_fn):
         raise TypeError(
             f"apply_activation_checkpointing: checkpoint_wrapper_fn must be a callable "
             f"module -> wrapped module (e.g. checkpoint_wrapper or offload_wrapper), got "
             f"{_short_repr(checkpoint_wrapper_fn)}."
         )
-    _auto_wrap.wrap_submodules(model, auto_wrap_policy, checkpoint_wrapper_fn)
+    wrapped = _auto_wrap.wrap_submodules(model, auto_wrap_policy, checkpoint_wrapper_fn)
+    _auto_wrap.warn_if_nothing_wrapped(model, auto_wrap_policy, chooser, wrapped)
 
 
 # --- private helpers ----------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry
 
 from ckpt_compile import policies
+from ckpt_compile.eager._misuse import model_call_error
 
 __all__ = ["Option", "BlockMeasure", "Measurement", "measure", "options_for", "wrap"]
 
@@ -146,6 +147,7 @@ def measure(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     recorder = _Recorder()
+    failed: list[str] = []  # blocks whose measurement failed (their error says so already)
     found: list[BlockMeasure] = []
     depth = [0]
 
@@ -163,6 +165,7 @@ def measure(
         try:
             found.append(_measure_block(recorder, name, module, hook_args, hook_kwargs, output, options))
         except Exception as e:
+            failed.append(name)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise RuntimeError(
                 f"ckpt_compile.plan: measuring block {name!r} ({type(module).__name__}) failed: "
@@ -195,7 +198,13 @@ def measure(
             state = {name: fake_mode.from_tensor(t) for name, t in
                      [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
             with _Counter() as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                torch.func.functional_call(model, state, fake_args, fake_kwargs, tie_weights=True, strict=False)
+                try:
+                    torch.func.functional_call(model, state, fake_args, fake_kwargs, tie_weights=True, strict=False)
+                except Exception as e:
+                    if failed:
+                        raise
+                    # The user's model on these inputs (issue 22): say which call, with what.
+                    raise model_call_error("ckpt_compile.plan", model, args, kwargs, e) from e
     finally:
         for handle in handles:
             handle.remove()

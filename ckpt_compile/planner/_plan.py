@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckpt_compile.eager._misuse import check_needs_grad
+
 from ._measure import Option, measure, options_for, wrap
 from ._pose import pose, union_bytes
 from ._solve import Infeasible, solve
@@ -172,12 +174,15 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int, blo
 
     Raises:
         TypeError / ValueError: a bad ``memory_budget`` or ``blocks``, or blocks that match
-            nothing; ``ValueError`` naming the smallest feasible budget when none fits.
+            nothing; ``ValueError`` naming the smallest feasible budget when none fits;
+            ``ValueError`` when nothing requires grad, or when the model fails on the example
+            inputs (naming their dtypes, shapes and devices; the model's error is chained).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"ckpt_compile.plan(model, ...): model must be an nn.Module, got {type(model).__name__}")
     _check_budget(memory_budget)
+    check_needs_grad("ckpt_compile.plan", model, example_inputs, example_kwargs)
     found = find_blocks(model, blocks)
     offload = _on_accelerator(model, example_inputs, example_kwargs)
     measured = measure(model, example_inputs, example_kwargs, found, lambda names: options_for(names, offload))
@@ -236,6 +241,16 @@ def find_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of the candidate blocks, in ``named_modules`` order."""
     if blocks is None:
         return _repeated_blocks(model)
+    if isinstance(blocks, nn.Module):
+        raise TypeError(
+            f"ckpt_compile.plan(blocks=...): expected an nn.Module class, a tuple of classes or a predicate "
+            f"module -> bool, got an instance of {type(blocks).__name__}; pass the class: blocks={type(blocks).__name__}"
+        )
+    if isinstance(blocks, (list, set, frozenset)):
+        raise TypeError(
+            f"ckpt_compile.plan(blocks=...): expected an nn.Module class, a tuple of classes or a predicate "
+            f"module -> bool, got a {type(blocks).__name__}; pass a tuple: blocks=({', '.join(getattr(c, '__name__', repr(c)) for c in blocks)},)"
+        )
     if isinstance(blocks, type) and issubclass(blocks, nn.Module):
         match: Callable[[nn.Module], bool] = lambda m: isinstance(m, blocks)  # noqa: E731
     elif isinstance(blocks, tuple) and blocks and all(isinstance(c, type) and issubclass(c, nn.Module) for c in blocks):
