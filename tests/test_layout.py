@@ -15,16 +15,19 @@ PASSES = pathlib.Path(importlib.import_module("ckpt_compile.passes").__file__).p
 
 # part -> the parts it may import (besides itself). "top" is ckpt_compile/*.py: the
 # public names (__init__ loads them lazily) and the public module paths kept by API.md.
+# "_budget" is ckpt_compile/_budget.py: the one parser of memory_budget, a leaf shared by
+# the backend's options, the planner and the CLI.
 ALLOWED = {
     "passes": set(),
     "eager": set(),
+    "_budget": set(),
     "policies": {"eager"},
     "modules": {"eager", "policies"},
     "diagnostics": {"eager", "passes"},
-    "compile": {"eager", "passes", "diagnostics"},
-    "planner": {"eager", "policies", "modules", "diagnostics", "passes"},
-    "cli": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "top"},
-    "top": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "cli"},
+    "compile": {"eager", "passes", "diagnostics", "_budget"},
+    "planner": {"eager", "policies", "modules", "diagnostics", "passes", "_budget"},
+    "cli": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "top", "_budget"},
+    "top": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "cli", "_budget"},
 }
 SUBPACKAGES = ["eager", "modules", "compile", "diagnostics", "cli", "planner"]
 

@@ -4,7 +4,10 @@ One forward of the whole model runs under ``FakeTensorMode`` (no real compute; a
 whose parameters live on ``device="meta"`` works too). A pack hook records every storage
 autograd saves (the figure :func:`ckpt_compile.saved_tensor_bytes` measures on a real
 step); storages saved outside the candidate blocks (embeddings, head) are the part of the
-model no plan changes. At each block, after its real call, the block runs once more per
+model no plan changes. Only activations cost bytes (``memory_budget``'s meaning): the
+parameters, buffers and example inputs are alive anyway, so their storages weigh 0 bytes
+however they are saved (a weight, its transpose). A checkpointed block on the CPU also
+keeps the CPU RNG state it stashes (5 KB, unseen by autograd): a storage of its own. At each block, after its real call, the block runs once more per
 option (no checkpoint, full checkpoint, each selective policy, CPU offload) on the same
 inputs, through the very wrappers ``CheckpointPlan.apply`` installs; each run records the
 storages it saves (selective checkpointing's cache included) and, with a backward, its
@@ -75,7 +78,7 @@ class BlockMeasure:
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    sizes: dict[int, int]
+    sizes: dict[int, int]  # storage key -> activation bytes (0: parameters, buffers, inputs)
     outside: frozenset[int]
     blocks: tuple[BlockMeasure, ...]
     forward_flops: int
@@ -175,6 +178,8 @@ def measure(
                      [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
             with _Counter() as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 torch.func.functional_call(model, state, fake_args, fake_kwargs, tie_weights=True, strict=False)
+            alive_anyway = {recorder.key(t) for t in [*state.values(), *tree_leaves((fake_args, fake_kwargs))]
+                            if isinstance(t, torch.Tensor)}
     finally:
         for handle in handles:
             handle.remove()
@@ -186,7 +191,8 @@ def measure(
         called = [b.name for b in found]
         raise ValueError(f"ckpt_compile.plan: each block must run once per forward; calls were {called}")
     found.sort(key=lambda b: order[b.name])
-    return Measurement(dict(recorder.sizes), frozenset(outside), tuple(found), counter.flops - recorder.counted)
+    sizes = {key: 0 if key in alive_anyway else nbytes for key, nbytes in recorder.sizes.items()}
+    return Measurement(sizes, frozenset(outside), tuple(found), counter.flops - recorder.counted)
 
 
 # ---------------------------------------------------------------- one block
@@ -305,7 +311,16 @@ def _run_option(recorder, module, option, args, kwargs, real_outputs):
         if differentiable and grad_of:
             torch.autograd.grad(differentiable, grad_of, [torch.ones_like(t) for t in differentiable], allow_unused=True)
     keys = {recorder.key(s) for s in storages}
+    if option.kind == "checkpoint" and _on_host(module, args, kwargs):
+        # The stashed CPU RNG state: device memory on the CPU (the profiler sees it retained
+        # after the forward), host memory beside an accelerator.
+        keys.add(recorder.new_key(torch.get_rng_state().nbytes))
     return keys, forward.flops, counter.flops, counter.elements, forward.names
+
+
+def _on_host(module, args, kwargs) -> bool:
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)] + list(module.parameters())[:1]
+    return all(t.device.type in ("cpu", "meta") for t in tensors)
 
 
 # ---------------------------------------------------------------- helpers
