@@ -162,3 +162,12 @@ def test_a_size_with_checkpoint_regions():
                           f"{math.ceil(regions.saved_bytes / regions.baseline['saved_bytes'] * 1e4) / 1e4}.")
     with pytest.raises(ValueError, match="is infeasible"):
         _explain(net, memory_budget=regions.saved_bytes - 1)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import ckpt_compile._budget as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
