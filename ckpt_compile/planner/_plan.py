@@ -44,8 +44,8 @@ __all__ = ["plan", "CheckpointPlan", "BlockChoice"]
 
 @dataclasses.dataclass(frozen=True)
 class BlockChoice:
-    """What the plan does with one block. ``saved_bytes``: the storages this block's choice
-    saves (its input too when it saves it; a storage two blocks save appears in both rows
+    """What the plan does with one block. ``saved_bytes``: the activation storages this
+    block's choice saves (its input too when it saves it; a storage two blocks save appears in both rows
     but once in the plan's total); ``no_checkpoint_bytes``: the same without checkpointing."""
 
     name: str
@@ -71,12 +71,12 @@ class CheckpointPlan:
     Bytes are *activation* bytes saved for the backward by one forward of the whole model:
     the distinct storages autograd saves (selective checkpointing's cache included), less
     the parameters, buffers and example inputs, however they are saved (a weight, its
-    transpose), since those are alive whether or not anything is checkpointed; bytes
-    offloaded to CPU do not count either (the budget is device memory). That is
-    :func:`ckpt_compile.saved_tensor_bytes` of the forward minus the parameter and input
-    storages it reports, and what a real forward leaves allocated for the backward beyond
-    its own output (``torch.profiler`` memory timeline). ``budget_bytes`` is the budget
-    in those bytes. FLOPs are ``torch.utils.flop_counter``'s.
+    transpose), since those are alive whether or not anything is checkpointed, plus the
+    CPU RNG state each checkpointed block stashes when the model runs on the CPU; bytes
+    offloaded to CPU do not count (the budget is device memory). That is what a real
+    forward leaves allocated for the backward beyond its own output (``torch.profiler``'s
+    memory timeline; equal on the tests' models). ``budget_bytes`` is the budget in those
+    bytes. FLOPs are ``torch.utils.flop_counter``'s.
     """
 
     blocks: tuple[BlockChoice, ...]
