@@ -13,7 +13,8 @@ Accepted spellings:
 - an int >= 2: bytes;
 - a size string: a number, optional spaces, then a unit, case-insensitive: ``B``; decimal
   ``kB``/``KB``, ``MB``, ``GB``, ``TB`` (powers of 1000); binary ``KiB``, ``MiB``, ``GiB``,
-  ``TiB`` (powers of 1024), e.g. ``"4GiB"``, ``"512MiB"``, ``"8GB"``, ``"1.5 GiB"``;
+  ``TiB`` (powers of 1024), e.g. ``"4GiB"``, ``"512MiB"``, ``"8GB"``, ``"1.5 GiB"``; at
+  least 2 bytes, like an int, so that every budget reads back from its ``value``;
 - a string of a bare number means the same as the number (``"0.5"``, ``"1048576"``): what
   a command line passes on.
 
@@ -29,7 +30,7 @@ True
 >>> parse_memory_budget(1)
 Traceback (most recent call last):
 ...
-ValueError: memory_budget=1 is ambiguous: write 1.0 for all the activation bytes saved with no checkpointing, or a size such as '1B' or '512MiB' for bytes
+ValueError: memory_budget=1 is ambiguous: write 1.0 for all the activation bytes saved with no checkpointing, or a size such as '512MiB' for bytes
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$
 @dataclasses.dataclass(frozen=True)
 class MemoryBudget:
     """A parsed ``memory_budget``: exactly one of ``fraction`` (in (0, 1]) and ``nbytes``
-    (>= 1) is set."""
+    (>= 2) is set."""
 
     fraction: float | None = None
     nbytes: int | None = None
@@ -102,7 +103,7 @@ def parse_memory_budget(value: Any, *, name: str = "memory_budget") -> MemoryBud
 def _from_int(value: int, name: str) -> MemoryBudget:
     if value in (0, 1):
         what = ("1.0 for all the activation bytes saved with no checkpointing, or a size such as "
-                "'1B' or '512MiB' for bytes") if value == 1 else "a positive fraction such as 0.5, or a size such as '512MiB'"
+                "'512MiB' for bytes") if value == 1 else "a positive fraction such as 0.5, or a size such as '512MiB'"
         raise ValueError(f"{name}={value} is ambiguous: write {what}")
     if value < 0:
         raise ValueError(f"{name}={value}: a budget in bytes must be positive; write {ACCEPTED}")
@@ -128,6 +129,6 @@ def _from_str(text: str, name: str) -> MemoryBudget:
         is_int = re.fullmatch(r"[0-9]+", number) is not None
         return _from_int(int(number), name) if is_int else _from_float(float(number), name)
     nbytes = math.floor(float(number) * _UNITS[unit])
-    if nbytes < 1:
-        raise ValueError(f"{name}={text!r} is less than one byte; write {ACCEPTED}")
+    if nbytes < 2:  # as for ints: the value must read back as bytes (an int 1 would not)
+        raise ValueError(f"{name}={text!r} is under 2 bytes; write {ACCEPTED}")
     return MemoryBudget(nbytes=nbytes)

@@ -57,11 +57,12 @@ def test_good_budget_is_kept_as_written_in_python(budget, stored):
     # A fraction stays a float, bytes become an int: options print and serialise as given.
     opts = BackendOptions.from_mapping({"memory_budget": budget})
     assert opts.memory_budget == stored and type(opts.memory_budget) is type(stored)
+    assert BackendOptions.from_mapping({"memory_budget": opts.memory_budget}) == opts  # explain() passes it on
     assert (opts.budget.fraction, opts.budget.nbytes) == ((stored, None) if isinstance(stored, float) else (None, stored))
 
 
 def test_ambiguous_budget_says_how_to_write_it():
-    with pytest.raises(ValueError, match=r"memory_budget=1 is ambiguous: write 1.0 for all the activation bytes .* or a size such as '1B'"):
+    with pytest.raises(ValueError, match=r"memory_budget=1 is ambiguous: write 1.0 for all the activation bytes .* or a size such as '512MiB'"):
         BackendOptions.from_mapping({"memory_budget": 1})
 
 

@@ -197,7 +197,7 @@ def test_blocks_argument():
     ([0.5], TypeError, r"^ckpt_compile.plan: memory_budget must be a float in \(0, 1\] .*; got list \[0.5\]"),
     (None, TypeError, r"memory_budget is required"),
     (True, ValueError, r"^ckpt_compile.plan: memory_budget=True is ambiguous"),
-    (1, ValueError, r"^ckpt_compile.plan: memory_budget=1 is ambiguous: write 1.0 .* or a size such as '1B'"),
+    (1, ValueError, r"^ckpt_compile.plan: memory_budget=1 is ambiguous: write 1.0 .* or a size such as '512MiB'"),
     (0, ValueError, r"^ckpt_compile.plan: memory_budget=0 is ambiguous"),
     (0.0, ValueError, r"memory_budget=0.0: a float is a fraction and must be in \(0, 1\]"),
     (1.5, ValueError, r"memory_budget=1.5: a float is a fraction and must be in \(0, 1\]"),

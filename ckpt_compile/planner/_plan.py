@@ -161,7 +161,7 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
             (0, 1] is that fraction of what the model saves with no checkpointing; a size
             such as ``"4GiB"``, ``"512MiB"``, ``"8GB"`` (binary and decimal units as
             written) or an int >= 2 is bytes. ``0`` and ``1`` are ambiguous: a
-            ``ValueError`` says to write ``1.0`` or ``"1B"``. Required.
+            ``ValueError`` says to write ``1.0`` or a size. Required.
         blocks: the submodules that may be checkpointed: an ``nn.Module`` class, a tuple of
             classes, or a predicate ``module -> bool`` (outermost matches only). Default: the
             repeated blocks, the same-class children of the model's largest
