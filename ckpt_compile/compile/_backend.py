@@ -150,8 +150,8 @@ def _partition_budget(joint_module, joint_inputs, kwargs, partition_fn, budget: 
     so parameters, buffers and user inputs, are free): a fraction of what the same graph
     saves with no checkpointing at all, or bytes. The partitioner's ``memory_budget`` is a
     fraction of the bytes its own plan saves at 1.0, which for a graph with checkpoint
-    regions is already the (smaller) checkpointed figure. Without regions the two
-    no-checkpoint and 1.0 figures coincide.
+    regions is already the (smaller) checkpointed figure; without regions the two scales
+    coincide and a fraction goes through as it is. Bytes are converted either way.
     """
     fraction = budget.fraction
     has_regions = any("recompute" in node.meta for node in joint_module.graph.nodes)
