@@ -89,7 +89,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "policies":  # the policy library is a public module (API.md), loaded on first use
+    if name == "policies":  # the policy library is a public module (docs/api.md), loaded on first use
         return importlib.import_module("ckpt_compile.policies")
     module = _LAZY.get(name)
     if module is None:

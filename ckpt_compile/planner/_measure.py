@@ -36,19 +36,43 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry
 
+from ckpt_compile import policies
+
 __all__ = ["Option", "BlockMeasure", "Measurement", "measure", "options_for", "wrap"]
+
+
+# Option kinds, and the policies an option may name (each to the policy it builds from its arguments).
+KINDS = ("none", "checkpoint", "offload")
+_POLICIES: dict[str, Callable[..., Callable]] = {
+    "save_matmuls": lambda: policies.save_matmuls,
+    "save_matmuls_without_batch_dims": lambda: policies.save_matmuls_without_batch_dims,
+    "save_only_these_names": lambda *names: policies.save_only_these_names(*names),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One way to run a block: ``kind`` is ``"none"``, ``"checkpoint"`` or ``"offload"``;
-    a checkpoint with ``policy`` set is selective: ``ckpt_compile.policies.<policy>``,
-    called with ``policy_args`` when there are any (``save_only_these_names("attn")``)."""
+    """One way to run a block: ``kind`` is one of :data:`KINDS`; a checkpoint with
+    ``policy`` set is selective: the ``ckpt_compile.policies`` function of that name (a key
+    of ``_POLICIES``), called with ``policy_args`` if any (``save_only_these_names("attn")``).
+    A misspelt kind or policy is an error when the option is made."""
 
     label: str
     kind: str
     policy: str | None = None
     policy_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"planner Option {self.label!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.policy is not None and (self.kind != "checkpoint" or self.policy not in _POLICIES):
+            raise ValueError(
+                f"planner Option {self.label!r}: policy must be None or, with kind 'checkpoint', one of "
+                f"{sorted(_POLICIES)}; got policy={self.policy!r} with kind={self.kind!r}"
+            )
+
+    def selective_policy(self) -> Callable:  # the policy function (``policy`` must be set)
+        return _POLICIES[self.policy](*self.policy_args)
 
 
 NONE = Option("none", "none")
@@ -106,13 +130,10 @@ def wrap(module: nn.Module, option: Option) -> nn.Module:
         return offload_wrapper(module)
     if option.policy is None:
         return checkpoint_wrapper(module)
-    from ckpt_compile import policies
     from ckpt_compile.eager._selective import create_selective_checkpoint_contexts
 
-    policy = getattr(policies, option.policy)
-    if option.policy_args:
-        policy = policy(*option.policy_args)
-    return checkpoint_wrapper(module, context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+    context_fn = functools.partial(create_selective_checkpoint_contexts, option.selective_policy())
+    return checkpoint_wrapper(module, context_fn=context_fn)
 
 
 def measure(
@@ -300,11 +321,7 @@ def _run_option(recorder, module, option, args, kwargs, real_outputs):
         for mine, real in zip(outputs, real_outputs):
             recorder.alias(mine, real)
         for mode in modes:
-            for entries in mode.storage.values():
-                for entry in entries.values():
-                    for leaf in tree_leaves(entry):
-                        if isinstance(leaf, _selective._Cached):
-                            storages.append(leaf.value.untyped_storage())
+            storages.extend(t.untyped_storage() for t in _selective._cached_tensors(mode))
         grad_of = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
         grad_of += [p for p in module.parameters() if p.requires_grad]
         differentiable = [t for t in outputs if t.requires_grad]
