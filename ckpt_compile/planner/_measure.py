@@ -4,11 +4,9 @@ One forward of the whole model runs under ``FakeTensorMode`` (no real compute; a
 whose parameters live on ``device="meta"`` works too). A pack hook records every storage
 autograd saves (the figure :func:`ckpt_compile.saved_tensor_bytes` measures on a real
 step); storages saved outside the candidate blocks (embeddings, head) are the part of the
-model no plan changes. Only activations cost bytes (``memory_budget``'s meaning): the
-parameters, buffers and example inputs are alive anyway, so their storages weigh 0 bytes
-however they are saved (a weight, its transpose). A checkpointed block on the CPU also
-keeps the CPU RNG state it stashes (5 KB, unseen by autograd): a storage of its own. At each block, after its real call, the block runs once more per
-option (no checkpoint, full checkpoint, each selective policy, CPU offload) on the same
+model no plan changes; only activations cost bytes (parameters, buffers, inputs weigh 0; a CPU
+checkpoint adds its stashed RNG state). At each block, after its real call, it runs once more
+per option (no checkpoint, full checkpoint, each selective policy, CPU offload) on the same
 inputs, through the very wrappers ``CheckpointPlan.apply`` installs; each run records the
 storages it saves (selective checkpointing's cache included) and, with a backward, its
 forward + backward FLOPs. Recompute FLOPs of an option are its total minus the total with
@@ -192,15 +190,14 @@ def measure(
 
     try:
         with fake_mode:
-            fake_args, fake_kwargs = tree_map(lambda v: _fake(fake_mode, v), (args, kwargs))
+            fake_args, fake_kwargs = tree_map(lambda v: fake_mode.from_tensor(v) if torch.is_tensor(v) else v, (args, kwargs))
             # Fake parameters and buffers too: an in-place update in the forward (batch norm's
             # running statistics) must not touch the user's model.
             state = {name: fake_mode.from_tensor(t) for name, t in
                      [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
             with _Counter() as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 torch.func.functional_call(model, state, fake_args, fake_kwargs, tie_weights=True, strict=False)
-            alive_anyway = {recorder.key(t) for t in [*state.values(), *tree_leaves((fake_args, fake_kwargs))]
-                            if isinstance(t, torch.Tensor)}
+            alive_anyway = {recorder.key(t) for t in tree_leaves((state, fake_args, fake_kwargs)) if isinstance(t, torch.Tensor)}
     finally:
         for handle in handles:
             handle.remove()
@@ -328,16 +325,10 @@ def _run_option(recorder, module, option, args, kwargs, real_outputs):
         if differentiable and grad_of:
             torch.autograd.grad(differentiable, grad_of, [torch.ones_like(t) for t in differentiable], allow_unused=True)
     keys = {recorder.key(s) for s in storages}
-    if option.kind == "checkpoint" and _on_host(module, args, kwargs):
-        # The stashed CPU RNG state: device memory on the CPU (the profiler sees it retained
-        # after the forward), host memory beside an accelerator.
-        keys.add(recorder.new_key(torch.get_rng_state().nbytes))
+    tensors = [t for t in tree_leaves((args, kwargs, [*module.parameters()][:1])) if isinstance(t, torch.Tensor)]
+    if option.kind == "checkpoint" and all(t.device.type in ("cpu", "meta") for t in tensors):
+        keys.add(recorder.new_key(torch.get_rng_state().nbytes))  # the stashed CPU RNG state: device memory there
     return keys, forward.flops, counter.flops, counter.elements, forward.names
-
-
-def _on_host(module, args, kwargs) -> bool:
-    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)] + list(module.parameters())[:1]
-    return all(t.device.type in ("cpu", "meta") for t in tensors)
 
 
 # ---------------------------------------------------------------- helpers
@@ -427,8 +418,3 @@ def _name_op():
 
     return NAME_OP
 
-
-def _fake(mode, value):
-    if isinstance(value, torch.Tensor):
-        return mode.from_tensor(value)
-    return value
