@@ -3,7 +3,8 @@
 A GPT-style model (embedding + positions, 8 ``nn.TransformerEncoderLayer`` blocks from
 ``_transformer.py`` (ffn 4x, dropout 0.1), final LayerNorm, LM head; d_model 256, seq 128,
 batch 4 by default, CPU), trained with a cross-entropy loss. Budgets are fractions of the
-bytes the model saves for backward with no checkpointing (eager). Rows per budget:
+activation bytes the model saves for backward with no checkpointing (eager), the meaning of
+``memory_budget`` everywhere. Rows per budget:
 
 - ``plan (eager)``: ``cc.plan(model, ids, memory_budget=b).apply(model)``;
 - ``plan + backend=ckpt``: the same planned model under ``torch.compile(backend="ckpt")``;
@@ -13,9 +14,10 @@ bytes the model saves for backward with no checkpointing (eager). Rows per budge
 - ``torch.compile amb``: stock inductor with ``torch._functorch.config.activation_memory_budget=b``;
 - ``backend=ckpt mb``: ``torch.compile(backend="ckpt", options={"memory_budget": b})``.
 
-Columns: saved bytes (measured: a saved-tensors pack hook over the distinct storages of
-one forward of the model, selective checkpointing's cache included, i.e.
-``cc.saved_tensor_bytes``; parameters and the input count when an op saves them);
+Columns: saved bytes (measured: what one forward leaves allocated for the backward, less
+its output, from ``torch.profiler``'s memory timeline: activations only, parameters and the
+input are alive before it; selective checkpointing's cache and the RNG states checkpoints
+stash included);
 recompute FLOPs (eager rows: ``FlopCounterMode`` over forward + backward minus the same
 with no checkpointing; compiled rows: forward work repeated in the backward graph, from
 the partition, ``torch.utils.flop_counter`` formulas); step time (forward + loss +
@@ -74,19 +76,17 @@ def flops_of_step(model, ids) -> int:
     return counter.get_total_flops()
 
 
-def hook_bytes(fn) -> int:
-    """Distinct storages a pack hook sees (compiled rows: no eager selective cache exists,
-    and ``cc.saved_tensor_bytes`` would also inspect caches of modes Dynamo traced)."""
-    storages = {}
+def retained_bytes(forward) -> int:
+    """Bytes ``forward()`` leaves allocated on the CPU, less its output (torch.profiler's
+    memory timeline; tensors alive before the call are taken off). The same measure as
+    ``retained_after_forward`` in ``tests/compile_corpus.py``, eager and compiled rows alike."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        out = forward()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    return sum(sizes[-1]) - sum(sizes[0]) - out.untyped_storage().nbytes()
 
 
 def checkpoint_blocks(model, indices):
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     base = GPT(args.blocks, args.d_model, args.heads, args.seq, args.vocab)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
-    baseline_bytes = cc.saved_tensor_bytes(lambda: base(ids))
+    baseline_bytes = retained_bytes(lambda: base(ids))
     baseline_flops = flops_of_step(copy.deepcopy(base), ids)
     print(f"GPT: {args.blocks} blocks, d_model {args.d_model}, seq {args.seq}, batch {args.batch}; "
           f"no checkpointing saves {baseline_bytes / 2**20:.2f} MiB; torch {torch.__version__}", flush=True)
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         for stride in range(args.blocks, 0, -1):  # every k-th block, fewest blocks first
             chosen = list(range(stride - 1, args.blocks, stride))
             trial = checkpoint_blocks(copy.deepcopy(base), chosen)
-            if cc.saved_tensor_bytes(lambda: trial(ids)) <= limit:
+            if retained_bytes(lambda: trial(ids)) <= limit:
                 uniform = (trial, stride, chosen)
                 break
         if uniform is None:
@@ -242,8 +242,7 @@ def main(argv=None) -> int:
     for row in rows:
         if "fn" not in row:
             continue
-        measure = hook_bytes if "compile_s" in row else cc.saved_tensor_bytes
-        row["bytes"] = measure(lambda: row["fn"](ids))
+        row["bytes"] = retained_bytes(lambda: row["fn"](ids))
         if "flops" not in row:
             row["flops"] = flops_of_step(row["model"], ids) - baseline_flops
     # Step times: every variant once per round, rounds interleaved.

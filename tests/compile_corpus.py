@@ -256,3 +256,18 @@ def step(model: nn.Module, fn, x: torch.Tensor):
     if x.is_floating_point():
         grads.append(x.grad)
     return loss.detach(), grads
+
+
+def retained_after_forward(forward) -> int:
+    """Bytes that ``forward()`` leaves allocated on the CPU when it returns, less its own
+    output: what it keeps for the backward (``torch.profiler``'s memory timeline, which
+    sees every allocation and free; tensors alive before the call, such as parameters and
+    inputs, are taken off). Keeps the output alive until the timeline is read."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        out = forward()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    own = sum(t.untyped_storage().nbytes() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+    return sum(sizes[-1]) - sum(sizes[0]) - own

@@ -13,6 +13,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from ckpt_compile._budget import ACCEPTED
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -113,9 +115,14 @@ def test_explain_errors_are_one_line_exit_2(factories, spec, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("explain", "user_models:make", "--memory-budget", "2"),
-     "python -m ckpt_compile explain: error: argument --memory-budget: expected a number in (0, 1], got '2' "
-     "(see python -m ckpt_compile explain --help)"),
+    (("explain", "user_models:make", "--memory-budget", "1.5"),
+     "python -m ckpt_compile explain: error: --memory-budget=1.5: a float is a fraction and must be in (0, 1]; "
+     f"write {ACCEPTED}"),
+    (("explain", "user_models:make", "--memory-budget", "1"),
+     "python -m ckpt_compile explain: error: --memory-budget=1 is ambiguous: write 1.0 for all the activation bytes "
+     "saved with no checkpointing, or a size such as '512MiB' for bytes"),
+    (("plan", "user_models:make", "--memory-budget", "4 GiBs"),
+     f"python -m ckpt_compile plan: error: --memory-budget='4 GiBs' is not a budget; write {ACCEPTED}"),
     (("explain", "user_models:make", "--inner", "aot_eager"),
      "python -m ckpt_compile explain: error: argument --inner: invalid choice: 'aot_eager' (choose from "
      "'inductor', 'eager') (see python -m ckpt_compile explain --help)"),

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 import ckpt_compile as cc
 from ckpt_compile.compile import _backend
+from ckpt_compile._budget import ACCEPTED
 from ckpt_compile.compile._options import BackendOptions
 from ckpt_compile.passes import tag_recompute
 
@@ -30,12 +31,12 @@ class TestOptionMessages(expecttest.TestCase):
     def test_unknown_option_lists_valid_ones(self):
         with self.assertRaises(ValueError) as e:
             BackendOptions.from_mapping({"budget": 0.5})
-        self.assertExpectedInline(str(e.exception), """backend="ckpt": unknown option 'budget'. Valid options: memory_budget (float in (0, 1], default 1.0), inner ('inductor' or 'eager', default 'inductor'), report (False, True, or a path to write JSON, default False).""")
+        self.assertExpectedInline(str(e.exception), """backend="ckpt": unknown option 'budget'. Valid options: memory_budget (a fraction in (0, 1] of the no-checkpoint activation bytes, or bytes: '512MiB', '8GB' or an int; default 1.0), inner ('inductor' or 'eager', default 'inductor'), report (False, True, or a path to write JSON, default False).""")
 
     def test_budget_out_of_range(self):
         with self.assertRaises(ValueError) as e:
             BackendOptions.from_mapping({"memory_budget": 1.5})
-        self.assertExpectedInline(str(e.exception), """backend="ckpt": option 'memory_budget' must be in (0, 1], got 1.5. Valid options: memory_budget (float in (0, 1], default 1.0), inner ('inductor' or 'eager', default 'inductor'), report (False, True, or a path to write JSON, default False).""")
+        self.assertExpectedInline(str(e.exception), """backend="ckpt": option memory_budget=1.5: a float is a fraction and must be in (0, 1]; write a float in (0, 1] (a fraction of the activation bytes saved with no checkpointing), an int >= 2 (bytes), or a size such as '4GiB', '512MiB', '8GB', '1.5 GiB' (units B, kB/KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB: powers of 1024). Valid options: memory_budget (a fraction in (0, 1] of the no-checkpoint activation bytes, or bytes: '512MiB', '8GB' or an int; default 1.0), inner ('inductor' or 'eager', default 'inductor'), report (False, True, or a path to write JSON, default False).""")
 
 
 def test_defaults():
@@ -43,16 +44,27 @@ def test_defaults():
     assert BackendOptions.from_mapping({}) == BackendOptions()
 
 
-@pytest.mark.parametrize("budget", [0.0, -0.1, 1.0000001, math.nan, math.inf, True, "0.5", None])
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.0000001, math.nan, math.inf, True, 0, 1, -5, "lots", "4 GiBs", None, [0.5]])
 def test_bad_budget(budget):
     with pytest.raises(ValueError, match="memory_budget.*Valid options"):
         BackendOptions.from_mapping({"memory_budget": budget})
 
 
-@pytest.mark.parametrize("budget", [1, 0.25, 1e-6])
-def test_good_budget_is_float(budget):
+@pytest.mark.parametrize("budget, stored", [
+    (1.0, 1.0), (0.25, 0.25), (1e-6, 1e-6), ("0.5", 0.5),            # fractions
+    (4096, 4096), ("512MiB", 512 * 2**20), ("8GB", 8 * 10**9), ("1.5 GiB", 3 * 2**29),   # bytes
+])
+def test_good_budget_is_kept_as_written_in_python(budget, stored):
+    # A fraction stays a float, bytes become an int: options print and serialise as given.
     opts = BackendOptions.from_mapping({"memory_budget": budget})
-    assert opts.memory_budget == float(budget) and isinstance(opts.memory_budget, float)
+    assert opts.memory_budget == stored and type(opts.memory_budget) is type(stored)
+    assert BackendOptions.from_mapping({"memory_budget": opts.memory_budget}) == opts  # explain() passes it on
+    assert (opts.budget.fraction, opts.budget.nbytes) == ((stored, None) if isinstance(stored, float) else (None, stored))
+
+
+def test_ambiguous_budget_says_how_to_write_it():
+    with pytest.raises(ValueError, match=r"memory_budget=1 is ambiguous: write 1.0 for all the activation bytes .* or a size such as '512MiB'"):
+        BackendOptions.from_mapping({"memory_budget": 1})
 
 
 @pytest.mark.parametrize("inner", ["aot_eager", "Inductor", None, 1])
@@ -91,7 +103,7 @@ def test_backend_rejects_mode_and_bad_options_before_compiling():
         cc.backend(gm, [torch.randn(2)], options={"fullgraph": True})
 
 
-VALID = ("Valid options: memory_budget (float in (0, 1], default 1.0), inner ('inductor' or 'eager', "
+VALID = ("Valid options: memory_budget (a fraction in (0, 1] of the no-checkpoint activation bytes, or bytes: '512MiB', '8GB' or an int; default 1.0), inner ('inductor' or 'eager', "
          "default 'inductor'), report (False, True, or a path to write JSON, default False).")
 
 
@@ -103,7 +115,9 @@ def test_torch_compile_bad_option_is_our_value_error(monkeypatch):
     f = torch.compile(torch.sin, backend="ckpt", options={"memory_budget": 0, "inner": "eager"})
     with pytest.raises(ValueError) as e:
         f(torch.randn(3))
-    assert str(e.value).splitlines()[0] == f"backend=\"ckpt\": option 'memory_budget' must be in (0, 1], got 0.0. {VALID}"
+    assert str(e.value).splitlines()[0] == (
+        f"backend=\"ckpt\": option memory_budget=0 is ambiguous: write a positive fraction such as 0.5, or a size "
+        f"such as '512MiB'. {VALID}")
     assert isinstance(e.value, torch._dynamo.exc.BackendCompilerFailed)  # what torch users catch still works
     torch._dynamo.reset()
 
@@ -113,7 +127,8 @@ def _no_compile(*args, **kwargs):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"memory_budget": 2}, "option 'memory_budget' must be in (0, 1], got 2.0"),
+    ({"memory_budget": 2.0}, "option memory_budget=2.0: a float is a fraction and must be in (0, 1] (for 2 bytes "
+                             f"pass the int 2); write {ACCEPTED}"),
     ({"inner": "aot_eager"}, "option 'inner' must be one of ('inductor', 'eager'), got 'aot_eager'"),
     ({"budget": 0.5}, "unknown option 'budget'"),
     ({"report": "{tmp}"}, "option 'report' must be a file path (JSON is written there), got the folder '{tmp}'"),

@@ -18,17 +18,20 @@ PASSES = pathlib.Path(importlib.import_module("ckpt_compile.passes").__file__).p
 # public names (__init__ loads them lazily) and the public module paths kept by docs/api.md.
 # passes/ is the bottom: its joint-graph facts (passes/facts.py: the expensive-op set,
 # bool -> CheckpointPolicy) are shared by the engine and the policies.
+# "_budget" is ckpt_compile/_budget.py: the one parser of memory_budget, a leaf shared by
+# the backend's options, the planner and the CLI.
 ALLOWED = {
     "passes": set(),
+    "_budget": set(),
     "eager": {"passes"},
     "policies": {"eager", "passes"},
     "modules": {"eager", "policies", "passes"},
     "diagnostics": {"eager", "passes"},
-    "compile": {"eager", "passes", "diagnostics"},
+    "compile": {"eager", "passes", "diagnostics", "_budget"},
     "memory": {"eager", "policies", "modules", "diagnostics", "passes"},
-    "planner": {"eager", "policies", "modules", "diagnostics", "passes", "memory"},
-    "cli": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "memory", "top"},
-    "top": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "memory", "cli"},
+    "planner": {"eager", "policies", "modules", "diagnostics", "passes", "memory", "_budget"},
+    "cli": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "memory", "top", "_budget"},
+    "top": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "memory", "cli", "_budget"},
 }
 SUBPACKAGES = ["eager", "modules", "compile", "diagnostics", "cli", "planner", "memory"]
 

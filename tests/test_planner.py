@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ckpt_compile as cc
 from ckpt_compile.planner._measure import wrap
+from compile_corpus import retained_after_forward
 
 
 class Transformer(nn.Module):
@@ -83,18 +84,24 @@ def _recompute_flops(model, inputs) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("budget", [1.0, 0.6, 0.45])
+# The conv net's head and stem save a larger share outside the blocks: its smallest
+# feasible budget is about 0.66.
+BUDGETS = {"transformer": (1.0, 0.6, 0.45), "mlp": (1.0, 0.6, 0.45), "conv": (1.0, 0.8, 0.7)}
+
+
+@pytest.mark.parametrize("name, budget", [(n, b) for n in sorted(MODELS) for b in BUDGETS[n]])
 def test_prediction_holds_on_a_real_step_and_fits_the_budget(name, budget):
+    # Bytes are activations: what the forward leaves allocated for the backward, measured
+    # by torch.profiler's memory timeline (parameters, buffers and inputs not counted).
     model, inputs = MODELS[name]
-    baseline = cc.saved_tensor_bytes(lambda: copy.deepcopy(model)(*inputs))
+    unplanned = copy.deepcopy(model)
+    baseline = retained_after_forward(lambda: unplanned(*inputs))
     plan = cc.plan(model, *inputs, memory_budget=budget)
     assert plan.baseline_saved_bytes == baseline
     assert plan.predicted_saved_bytes <= plan.budget_bytes == int(budget * baseline)
     planned = plan.apply(copy.deepcopy(model))
-    measured = cc.saved_tensor_bytes(lambda: planned(*inputs))
-    assert abs(measured - plan.predicted_saved_bytes) <= 0.02 * plan.predicted_saved_bytes
-    assert measured <= plan.budget_bytes
+    measured = retained_after_forward(lambda: planned(*inputs))
+    assert measured == plan.predicted_saved_bytes <= plan.budget_bytes
     extra = _recompute_flops(planned, inputs) - _recompute_flops(copy.deepcopy(model), inputs)
     assert extra == plan.predicted_recompute_flops
 
@@ -116,7 +123,7 @@ def test_plan_is_the_cheapest_real_configuration_that_fits(name):
         for row, option in zip(plan.blocks, combo):
             parent, _, child = row.name.rpartition(".")
             setattr(trial.get_submodule(parent), child, wrap(trial.get_submodule(row.name), option))
-        if cc.saved_tensor_bytes(lambda: trial(*inputs)) > plan.budget_bytes:
+        if retained_after_forward(lambda: trial(*inputs)) > plan.budget_bytes:
             continue
         flops = _recompute_flops(trial, inputs) - base_flops
         best = flops if best is None else min(best, flops)
@@ -140,7 +147,7 @@ def test_gradients_after_apply_equal_the_unplanned_model():
 def test_planning_leaves_the_model_untouched():
     model, inputs = MODELS["conv"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cc.plan(model, *inputs, memory_budget=0.5)
+    cc.plan(model, *inputs, memory_budget=0.8)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # batch norm's counters too
     assert all(p.grad is None for p in model.parameters())
 
@@ -187,11 +194,15 @@ def test_blocks_argument():
 
 
 @pytest.mark.parametrize("budget, error, text", [
-    ("0.5", TypeError, "memory_budget must be a float in \\(0, 1\\].*or an int \\(bytes\\), got str '0.5'"),
-    (True, TypeError, "got bool True"),
-    (0.0, ValueError, "must be in \\(0, 1\\], got 0.0"),
-    (1.5, ValueError, "must be in \\(0, 1\\], got 1.5"),
-    (-3, ValueError, "in bytes must be positive, got -3"),
+    ([0.5], TypeError, r"^ckpt_compile.plan: memory_budget must be a float in \(0, 1\] .*; got list \[0.5\]"),
+    (None, TypeError, r"memory_budget is required"),
+    (True, ValueError, r"^ckpt_compile.plan: memory_budget=True is ambiguous"),
+    (1, ValueError, r"^ckpt_compile.plan: memory_budget=1 is ambiguous: write 1.0 .* or a size such as '512MiB'"),
+    (0, ValueError, r"^ckpt_compile.plan: memory_budget=0 is ambiguous"),
+    (0.0, ValueError, r"memory_budget=0.0: a float is a fraction and must be in \(0, 1\]"),
+    (1.5, ValueError, r"memory_budget=1.5: a float is a fraction and must be in \(0, 1\]"),
+    (-3, ValueError, r"memory_budget=-3: a budget in bytes must be positive"),
+    ("lots", ValueError, r"memory_budget='lots' is not a budget; write .*'512MiB'"),
 ])
 def test_bad_budgets(budget, error, text):
     model, (x,) = MODELS["mlp"]
@@ -263,7 +274,7 @@ def test_cli_plan(tmp_path, capsys):
         return subprocess.run([sys.executable, "-m", "ckpt_compile", "plan", "user_models:make", *args],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
-    table = run("--memory-budget", "0.5")
+    table = run("--memory-budget", "0.7")
     assert table.returncode == 0, table.stderr
     assert "total" in table.stdout and table.stdout.strip().splitlines()[-1].startswith("saved ")
     low = run("--memory-budget", "100")
@@ -278,7 +289,9 @@ def test_cli_plan(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["budget_bytes"] == 20 * 1024 and data["predicted_saved_bytes"] <= 20 * 1024
     assert main(["plan", factory, "--memory-budget", "lots"]) == 2
-    assert "--memory-budget: expected a fraction" in capsys.readouterr().err
+    assert "--memory-budget='lots' is not a budget; write a float in (0, 1]" in capsys.readouterr().err
+    assert main(["plan", factory, "--memory-budget", "1"]) == 2
+    assert "--memory-budget=1 is ambiguous: write 1.0" in capsys.readouterr().err
     assert (parse_budget("0.25"), parse_budget("4096"), parse_budget("1.5GiB"), parse_budget("2 MB")) == (0.25, 4096, 3 * 2**29, 2 * 10**6)
 
 
@@ -298,7 +311,14 @@ def test_offload_is_chosen_only_when_nothing_else_fits(monkeypatch):
     assert "offload" in {r.choice for r in plan.blocks}
     planned = plan.apply(copy.deepcopy(model))
     assert isinstance(planned.blocks[[r.choice for r in plan.blocks].index("offload")], cc.OffloadWrapper)
-    assert cc.saved_tensor_bytes(lambda: planned(x)) == plan.predicted_saved_bytes <= without - 1
+    # Device bytes: what autograd saves, less the parameters and the input (alive anyway),
+    # plus the CPU RNG state each checkpointed block stashes (device memory here, on the CPU).
+    from ckpt_compile.diagnostics._graph_stats import saved_storages
+
+    alive = {t.untyped_storage().data_ptr() for t in (x, *planned.parameters())}
+    saved = sum(n for ptr, n in saved_storages(lambda: planned(x)).items() if ptr not in alive)
+    stashed = torch.get_rng_state().nbytes * sum(r.kind == "checkpoint" for r in plan.blocks)
+    assert saved + stashed == plan.predicted_saved_bytes <= without - 1
 
 
 def test_a_block_with_state_between_calls_gets_a_clear_error():

@@ -5,8 +5,14 @@
 - ``explain module:factory``: import ``factory`` (a function returning ``(model,
   example_inputs)``), print what ``backend="ckpt"`` saves and recomputes for it.
 - ``plan module:factory --memory-budget B``: print ``ckpt_compile.plan``'s per-block
-  choice for that model under a budget (a fraction, bytes, or ``2GiB``-style sizes).
+  choice for that model under a budget.
 - ``memory module:factory``: print the estimated peak of one training step (``_memory``).
+
+``--memory-budget`` (``explain`` and ``plan``) means what ``memory_budget`` means in
+Python (``ckpt_compile._budget``): activation bytes saved for the backward, parameters,
+buffers and inputs never counted; ``0.5`` is a fraction of what the model saves with no
+checkpointing, ``1048576`` is bytes, ``512MiB`` / ``8GB`` / ``"1.5 GiB"`` are sizes
+(binary and decimal units as written); ``0`` and ``1`` are ambiguous and refused.
 
 Errors (a bad ``module:factory``, a factory that raises, bad options) are one line on
 stderr with exit status 2, as argparse reports usage errors.
@@ -36,14 +42,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _budget(text: str) -> float:
+_BUDGET_HELP = ("activation bytes saved for the backward (parameters and inputs never count): a fraction in "
+                "(0, 1] of what the model saves with no checkpointing (0.25), bytes (1048576), or a size "
+                "(512MiB, 2GiB, 1.5GB; KiB/MiB/GiB are powers of 1024, kB/MB/GB of 1000)")
+
+
+def parse_budget(text: str) -> float | int:
+    """``--memory-budget``'s text as ``memory_budget`` takes it: ``"0.25"`` -> 0.25 (a
+    fraction), ``"1048576"`` and ``"2GiB"`` -> bytes; anything else is a one-line error."""
+    from ckpt_compile._budget import parse_memory_budget
+
     try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0.0 < value <= 1.0:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+        return parse_memory_budget(text, name="--memory-budget").value
+    except (TypeError, ValueError) as e:
+        raise _UsageError(str(e)) from e
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         "ckpt_compile.explain(model, *example_inputs).",
     )
     explain.add_argument("factory", metavar="module:factory")
-    explain.add_argument("--memory-budget", type=_budget, default=1.0, help="fraction in (0, 1] (default 1.0)")
+    explain.add_argument("--memory-budget", default="1.0", metavar="B", help=_BUDGET_HELP + " (default 1.0)")
     explain.add_argument("--inner", choices=("inductor", "eager"), default="inductor",
                          help="compile the partitioned graphs with inductor (default) or run them as they are")
     explain.add_argument("--out", default=None, help="also write report.json and report.html (the picture) here")
@@ -93,9 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "full, a selective policy or CPU offload, with the fewest recompute FLOPs that fit.",
     )
     plan.add_argument("factory", metavar="module:factory")
-    plan.add_argument("--memory-budget", required=True, metavar="B",
-                      help="a fraction in (0, 1] of the no-checkpoint activation bytes (0.25), "
-                      "bytes (1048576), or a size (512MiB, 2GiB, 1.5GB)")
+    plan.add_argument("--memory-budget", required=True, metavar="B", help=_BUDGET_HELP)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     from ckpt_compile.cli import _memory
 
@@ -147,10 +157,11 @@ def _explain(args) -> int:
 
     import ckpt_compile as cc
 
+    budget = parse_budget(args.memory_budget)
     out_dir = _out_folder(args.out)  # before the compile, which may take minutes
     model, inputs = _call_factory(args.factory)
     try:
-        report = cc.explain(model, *inputs, memory_budget=args.memory_budget, inner=args.inner)
+        report = cc.explain(model, *inputs, memory_budget=budget, inner=args.inner)
     except Exception as e:
         raise _UsageError(f"explain({args.factory}) failed: {_first_line(e)}") from e
     print(json.dumps(report.to_dict(), indent=1, sort_keys=True) if args.json else report)
@@ -189,31 +200,6 @@ def _out_folder(out: str | None) -> pathlib.Path | None:
     if not os.access(path, os.W_OK | os.X_OK):
         raise _UsageError(f"--out {out!r} is not writable; give a folder path you can write to")
     return path
-
-
-_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
-
-
-def parse_budget(text: str) -> float | int:
-    """``"0.25"`` -> 0.25 (a fraction), ``"1048576"`` -> bytes, ``"2GiB"`` -> bytes."""
-    value = text.strip().lower().replace(" ", "")
-    for unit in sorted(_UNITS, key=len, reverse=True):
-        if value.endswith(unit) and value[: -len(unit)]:
-            number = value[: -len(unit)]
-            try:
-                return int(float(number) * _UNITS[unit])
-            except ValueError:
-                break
-    try:
-        return int(value)
-    except ValueError:
-        pass
-    try:
-        return float(value)
-    except ValueError:
-        raise _UsageError(
-            f"--memory-budget: expected a fraction in (0, 1], bytes or a size such as 512MiB or 2GiB, got {text!r}"
-        ) from None
 
 
 def _plan(args) -> int:

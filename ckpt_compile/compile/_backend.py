@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
+from ckpt_compile._budget import MemoryBudget
 from ckpt_compile.compile._options import BackendOptions, BackendValueError
 
 __all__ = ["backend"]
@@ -49,8 +50,10 @@ _PARTITIONER_VERSION = "1"
 def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, mode=None):
     """Compile a Dynamo graph with checkpoint-aware partitioning.
 
-    ``options`` (from ``torch.compile(..., options={...})``): ``memory_budget`` (float in
-    (0, 1], default 1.0), ``inner`` (``"inductor"`` or ``"eager"``), ``report`` (False,
+    ``options`` (from ``torch.compile(..., options={...})``): ``memory_budget`` (the
+    activation bytes each compiled graph may save for the backward, parameters and inputs
+    never counted: a float in (0, 1] is a fraction of what it saves with no checkpointing,
+    default 1.0; a size such as ``"512MiB"`` or an int is bytes), ``inner`` (``"inductor"`` or ``"eager"``), ``report`` (False,
     True to log graph sizes and saved bytes on the ``"ckpt_compile"`` logger at INFO, or a
     path to write them as JSON). ``mode=`` is not supported: use ``options``.
 
@@ -127,12 +130,12 @@ class _CkptPartitioner(CustomPartitionerFn):
         joint_module = passes.tag_recompute(joint_module)
         partition_fn = passes.partition
         budget, no_checkpoint_bytes = _partition_budget(
-            joint_module, joint_inputs, kwargs, partition_fn, self.options.memory_budget
+            joint_module, joint_inputs, kwargs, partition_fn, self.options.budget
         )
         try:
             fw_module, bw_module = partition_fn(joint_module, joint_inputs, memory_budget=budget, **kwargs)
         except ValueError as e:
-            _raise_budget_error(e, self.options.memory_budget, no_checkpoint_bytes)
+            _raise_budget_error(e, self.options.budget, no_checkpoint_bytes)
         for module in (fw_module, bw_module):
             module.graph.lint()
         self.reports.append(_graph_report(
@@ -148,26 +151,34 @@ class _CkptPartitioner(CustomPartitionerFn):
         ).hexdigest()
 
 
-def _partition_budget(joint_module, joint_inputs, kwargs, partition_fn, budget: float):
+def _partition_budget(joint_module, joint_inputs, kwargs, partition_fn, budget: MemoryBudget):
     """``(budget on the partitioner's scale, no-checkpoint saved bytes or None)``.
 
-    docs/api.md: ``memory_budget`` is a fraction of the activation bytes the same graph saves
-    with no checkpointing at all. The partitioner's ``memory_budget`` is a fraction of the
-    bytes its own plan saves at 1.0, which for a graph with checkpoint regions is already
-    the (smaller) checkpointed figure. Without regions the two scales coincide.
+    docs/api.md: ``memory_budget`` limits the activation bytes this graph saves (graph
+    inputs, so parameters, buffers and user inputs, are free): a fraction of what the same
+    graph saves with no checkpointing at all, or bytes. The partitioner's ``memory_budget``
+    is a fraction of the bytes its own plan saves at 1.0, which for a graph with checkpoint
+    regions is already the (smaller) checkpointed figure; without regions the two scales
+    coincide and a fraction goes through as it is. Bytes are converted either way.
     """
-    if budget >= 1.0 or not any("recompute" in node.meta for node in joint_module.graph.nodes):
-        return budget, None
+    fraction = budget.fraction
+    has_regions = any("recompute" in node.meta for node in joint_module.graph.nodes)
+    if fraction == 1.0 or (fraction is not None and not has_regions):
+        return fraction, None
     from ckpt_compile.diagnostics._graph_stats import baseline_partition
 
-    no_checkpoint = baseline_partition(joint_module, partition_fn, joint_inputs, **kwargs)[0].meta["ckpt_partition"]
-    checkpointed = partition_fn(joint_module, joint_inputs, **kwargs)[0].meta["ckpt_partition"]
-    if checkpointed.saved_bytes == 0:
-        return 1.0, no_checkpoint.saved_bytes
-    return min(1.0, budget * no_checkpoint.saved_bytes / checkpointed.saved_bytes), no_checkpoint.saved_bytes
+    checkpointed = partition_fn(joint_module, joint_inputs, **kwargs)[0].meta["ckpt_partition"].saved_bytes
+    no_checkpoint = (baseline_partition(joint_module, partition_fn, joint_inputs, **kwargs)[0].meta["ckpt_partition"]
+                     .saved_bytes if has_regions else checkpointed)
+    wanted = budget.bytes_of(no_checkpoint)
+    if checkpointed == 0 or wanted >= checkpointed:
+        return 1.0, no_checkpoint
+    # +0.5 byte: the partitioner floors (fraction x its bytes at 1.0); rounding must not
+    # take a byte off the budget.
+    return (wanted + 0.5) / checkpointed, no_checkpoint
 
 
-def _raise_budget_error(error: ValueError, budget: float, no_checkpoint_bytes: int | None):
+def _raise_budget_error(error: ValueError, budget: MemoryBudget, no_checkpoint_bytes: int | None):
     """Re-raise an infeasible budget in the option's own units (see _partition_budget)."""
     from ckpt_compile.passes.mincut import BudgetTooSmall
 
@@ -175,11 +186,13 @@ def _raise_budget_error(error: ValueError, budget: float, no_checkpoint_bytes: i
     if not isinstance(too_small, BudgetTooSmall) or not no_checkpoint_bytes:
         raise error
     smallest = math.ceil(too_small.min_bytes / no_checkpoint_bytes * 1e4) / 1e4
+    use = (f"Use memory_budget >= {smallest}." if budget.fraction is not None
+           else f"Use memory_budget >= {too_small.min_bytes} (bytes) or a fraction >= {smallest}.")
     raise BackendValueError(
-        f'backend="ckpt": options memory_budget={budget} is infeasible for this graph: it must '
-        f"save at least {too_small.min_bytes} bytes (checkpoint region boundaries and values "
+        f'backend="ckpt": options memory_budget={budget.value!r} is infeasible for this graph: it must '
+        f"save at least {too_small.min_bytes} bytes of activations (checkpoint region boundaries and values "
         f"that may not be recomputed), {smallest} of the {no_checkpoint_bytes} bytes it saves "
-        f"with no checkpointing. Use memory_budget >= {smallest}."
+        f"with no checkpointing. {use}"
     ) from error
 
 

@@ -26,10 +26,10 @@ def backend_with(**options: Any) -> "ConfiguredBackend":
 
     >>> import torch, ckpt_compile as cc
     >>> compiled = torch.compile(torch.nn.Linear(4, 4), backend=cc.backend_with(inner="eager"))
-    >>> cc.backend_with(memory_budget=2)
+    >>> cc.backend_with(memory_budget=1)
     Traceback (most recent call last):
     ...
-    ValueError: backend="ckpt": option 'memory_budget' must be in (0, 1], got 2.0. Valid options: ...
+    ValueError: backend="ckpt": option memory_budget=1 is ambiguous: write 1.0 for all the activation bytes ...
     """
     return ConfiguredBackend(BackendOptions.from_mapping(options))
 

@@ -9,22 +9,24 @@ BackendOptions(memory_budget=0.5, inner='eager', report=False)
 >>> BackendOptions.from_mapping({"budget": 0.5})
 Traceback (most recent call last):
 ...
-ValueError: backend="ckpt": unknown option 'budget'. Valid options: memory_budget (float in (0, 1], default 1.0), inner ('inductor' or 'eager', default 'inductor'), report (False, True, or a path to write JSON, default False).
+ValueError: backend="ckpt": unknown option 'budget'. Valid options: memory_budget (a fraction in (0, 1] of the no-checkpoint activation bytes, or bytes: '512MiB', '8GB' or an int; default 1.0), inner ('inductor' or 'eager', default 'inductor'), report (False, True, or a path to write JSON, default False).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Mapping, Union
 
 from torch._dynamo.exc import BackendCompilerFailed
 
+from ckpt_compile._budget import MemoryBudget, parse_memory_budget
+
 _INNER_CHOICES = ("inductor", "eager")
 
 # One line per option, used verbatim in every validation error so a user sees all of them.
 _VALID = (
-    "memory_budget (float in (0, 1], default 1.0), "
+    "memory_budget (a fraction in (0, 1] of the no-checkpoint activation bytes, or bytes: "
+    "'512MiB', '8GB' or an int; default 1.0), "
     "inner ('inductor' or 'eager', default 'inductor'), "
     "report (False, True, or a path to write JSON, default False)"
 )
@@ -56,15 +58,20 @@ def _error(message: str) -> ValueError:
 class BackendOptions:
     """Validated options of ``backend="ckpt"``.
 
-    - ``memory_budget``: fraction of the no-checkpoint activation bytes that the
-      partitioner may save; 1.0 is the plain min-cut.
+    - ``memory_budget``: what the partitioner may save for the backward, in activation
+      bytes (graph inputs, so parameters, buffers and the model's inputs, never count): a
+      float in (0, 1] is a fraction of what the same graph saves with no checkpointing
+      (1.0 is the plain min-cut), a size (``"512MiB"``, ``"8GB"``) or an int >= 2 is bytes,
+      per compiled graph (each graph of a model with graph breaks gets the whole budget).
+      Spellings: :mod:`ckpt_compile._budget`. Stored as written in Python (the float, or
+      the int of bytes), so options print and serialise as they were given.
     - ``inner``: ``"inductor"`` compiles the partitioned forward and backward with
       inductor; ``"eager"`` runs the partitioned FX graphs as they are.
     - ``report``: ``False``; ``True`` logs graph sizes and saved bytes on the
       ``"ckpt_compile"`` logger; a path (``str`` or ``os.PathLike``) writes them as JSON.
     """
 
-    memory_budget: float = 1.0
+    memory_budget: Union[float, int] = 1.0
     inner: str = "inductor"
     report: Union[bool, str] = False
 
@@ -90,19 +97,21 @@ class BackendOptions:
             values["report"] = _check_report(values["report"])
         return cls(**values)
 
+    @property
+    def budget(self) -> MemoryBudget:
+        """``memory_budget`` parsed (a fraction or bytes)."""
+        return parse_memory_budget(self.memory_budget)
+
     def fingerprint(self) -> str:
         """A stable string of the options that change compiled code (cache keys)."""
         return f"memory_budget={self.memory_budget!r};inner={self.inner}"
 
 
-def _check_budget(value: Any) -> float:
-    # bool is an int subclass: memory_budget=True is almost certainly a mistake.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _error(f"option 'memory_budget' must be a float, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise _error(f"option 'memory_budget' must be in (0, 1], got {value!r}")
-    return value
+def _check_budget(value: Any) -> Union[float, int]:
+    try:
+        return parse_memory_budget(value, name="option memory_budget").value
+    except (TypeError, ValueError) as e:
+        raise _error(str(e)) from e
 
 
 def _check_report(value: Any) -> Union[bool, str]:

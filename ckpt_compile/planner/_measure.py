@@ -4,8 +4,9 @@ One forward of the whole model runs under ``FakeTensorMode`` (no real compute; a
 whose parameters live on ``device="meta"`` works too). A pack hook records every storage
 autograd saves (the figure :func:`ckpt_compile.saved_tensor_bytes` measures on a real
 step); storages saved outside the candidate blocks (embeddings, head) are the part of the
-model no plan changes. At each block, after its real call, the block runs once more per
-option (no checkpoint, full checkpoint, each selective policy, CPU offload) on the same
+model no plan changes; only activations cost bytes (parameters, buffers, inputs weigh 0; a CPU
+checkpoint adds its stashed RNG state). At each block, after its real call, it runs once more
+per option (no checkpoint, full checkpoint, each selective policy, CPU offload) on the same
 inputs, through the very wrappers ``CheckpointPlan.apply`` installs; each run records the
 storages it saves (selective checkpointing's cache included) and, with a backward, its
 forward + backward FLOPs. Recompute FLOPs of an option are its total minus the total with
@@ -100,7 +101,7 @@ class BlockMeasure:
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    sizes: dict[int, int]
+    sizes: dict[int, int]  # storage key -> activation bytes (0: parameters, buffers, inputs)
     outside: frozenset[int]
     blocks: tuple[BlockMeasure, ...]
     forward_flops: int
@@ -192,7 +193,7 @@ def measure(
 
     try:
         with fake_mode:
-            fake_args, fake_kwargs = tree_map(lambda v: _fake(fake_mode, v), (args, kwargs))
+            fake_args, fake_kwargs = tree_map(lambda v: fake_mode.from_tensor(v) if torch.is_tensor(v) else v, (args, kwargs))
             # Fake parameters and buffers too: an in-place update in the forward (batch norm's
             # running statistics) must not touch the user's model.
             state = {name: fake_mode.from_tensor(t) for name, t in
@@ -205,6 +206,7 @@ def measure(
                         raise
                     # The user's model on these inputs (issue 22): say which call, with what.
                     raise model_call_error("ckpt_compile.plan", model, args, kwargs, e) from e
+            alive_anyway = {recorder.key(t) for t in tree_leaves((state, fake_args, fake_kwargs)) if isinstance(t, torch.Tensor)}
     finally:
         for handle in handles:
             handle.remove()
@@ -216,7 +218,8 @@ def measure(
         called = [b.name for b in found]
         raise ValueError(f"ckpt_compile.plan: each block must run once per forward; calls were {called}")
     found.sort(key=lambda b: order[b.name])
-    return Measurement(dict(recorder.sizes), frozenset(outside), tuple(found), counter.flops - recorder.counted)
+    sizes = {key: 0 if key in alive_anyway else nbytes for key, nbytes in recorder.sizes.items()}
+    return Measurement(sizes, frozenset(outside), tuple(found), counter.flops - recorder.counted)
 
 
 # ---------------------------------------------------------------- one block
@@ -331,6 +334,9 @@ def _run_option(recorder, module, option, args, kwargs, real_outputs):
         if differentiable and grad_of:
             torch.autograd.grad(differentiable, grad_of, [torch.ones_like(t) for t in differentiable], allow_unused=True)
     keys = {recorder.key(s) for s in storages}
+    tensors = [t for t in tree_leaves((args, kwargs, [*module.parameters()][:1])) if isinstance(t, torch.Tensor)]
+    if option.kind == "checkpoint" and all(t.device.type in ("cpu", "meta") for t in tensors):
+        keys.add(recorder.new_key(torch.get_rng_state().nbytes))  # the stashed CPU RNG state: device memory there
     return keys, forward.flops, counter.flops, counter.elements, forward.names
 
 
@@ -421,8 +427,3 @@ def _name_op():
 
     return NAME_OP
 
-
-def _fake(mode, value):
-    if isinstance(value, torch.Tensor):
-        return mode.from_tensor(value)
-    return value

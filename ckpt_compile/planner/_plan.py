@@ -17,9 +17,9 @@ whose ``apply`` is a dumb loop over its rows.
 >>> p = cc.plan(model, x, memory_budget=0.5)
 >>> p.predicted_saved_bytes <= 0.5 * p.baseline_saved_bytes
 True
->>> model = p.apply(model)
->>> cc.saved_tensor_bytes(lambda: model(x)) == p.predicted_saved_bytes
-True
+>>> p.baseline_saved_bytes // 1024   # activations only: the weights the Linears save are alive anyway
+280
+>>> model = p.apply(model)          # in place; its forward now saves predicted_saved_bytes of activations
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ckpt_compile.eager._misuse import check_needs_grad
+from ckpt_compile._budget import parse_memory_budget
 
 from ._measure import Option, measure, options_for, wrap
 from ._pose import pose, union_bytes
@@ -44,8 +45,8 @@ __all__ = ["plan", "CheckpointPlan", "BlockChoice"]
 
 @dataclasses.dataclass(frozen=True)
 class BlockChoice:
-    """What the plan does with one block. ``saved_bytes``: the storages this block's choice
-    saves (its input too when it saves it; a storage two blocks save appears in both rows
+    """What the plan does with one block. ``saved_bytes``: the activation storages this
+    block's choice saves (its input too when it saves it; a storage two blocks save appears in both rows
     but once in the plan's total); ``no_checkpoint_bytes``: the same without checkpointing."""
 
     name: str
@@ -68,10 +69,15 @@ class BlockChoice:
 class CheckpointPlan:
     """The per-block decision of :func:`ckpt_compile.plan`, as plain data.
 
-    Bytes are saved-for-backward activation bytes of one forward of the whole model, as
-    :func:`ckpt_compile.saved_tensor_bytes` measures them (parameters a block saves count;
-    bytes offloaded to CPU do not: the budget is device memory). FLOPs are
-    ``torch.utils.flop_counter``'s.
+    Bytes are *activation* bytes saved for the backward by one forward of the whole model:
+    the distinct storages autograd saves (selective checkpointing's cache included), less
+    the parameters, buffers and example inputs, however they are saved (a weight, its
+    transpose), since those are alive whether or not anything is checkpointed, plus the
+    CPU RNG state each checkpointed block stashes when the model runs on the CPU; bytes
+    offloaded to CPU do not count (the budget is device memory). That is what a real
+    forward leaves allocated for the backward beyond its own output (``torch.profiler``'s
+    memory timeline; equal on the tests' models). ``budget_bytes`` is the budget in those
+    bytes. FLOPs are ``torch.utils.flop_counter``'s.
     """
 
     blocks: tuple[BlockChoice, ...]
@@ -143,16 +149,20 @@ class CheckpointPlan:
         return json.loads(json.dumps(out))
 
 
-def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int, blocks: Any = None,
-         **example_kwargs: Any) -> CheckpointPlan:
+def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | str | None = None,
+         blocks: Any = None, **example_kwargs: Any) -> CheckpointPlan:
     """The checkpoint plan with the fewest recompute FLOPs whose saved activations fit
     ``memory_budget``, for ``model(*example_inputs, **example_kwargs)``.
 
     Args:
         model: the model; measured on fake tensors (no real compute; parameters may live on
             ``device="meta"``). Unchanged: call ``.apply(model)`` on the returned plan.
-        memory_budget: a float in (0, 1]: that fraction of the bytes the model saves with no
-            checkpointing (``backend="ckpt"``'s meaning), or an int: bytes.
+        memory_budget: the activation bytes the plan may save for the backward (parameters,
+            buffers and inputs never count), as everywhere in this package: a float in
+            (0, 1] is that fraction of what the model saves with no checkpointing; a size
+            such as ``"4GiB"``, ``"512MiB"``, ``"8GB"`` (binary and decimal units as
+            written) or an int >= 2 is bytes. ``0`` and ``1`` are ambiguous: a
+            ``ValueError`` says to write ``1.0`` or a size. Required.
         blocks: the submodules that may be checkpointed: an ``nn.Module`` class, a tuple of
             classes, or a predicate ``module -> bool`` (outermost matches only). Default: the
             repeated blocks, the same-class children of the model's largest
@@ -173,15 +183,22 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int, blo
     checkpointing: a KV cache changes between the calls the planner measures.
 
     Raises:
-        TypeError / ValueError: a bad ``memory_budget`` or ``blocks``, or blocks that match
-            nothing; ``ValueError`` naming the smallest feasible budget when none fits;
-            ``ValueError`` when nothing requires grad, or when the model fails on the example
-            inputs (naming their dtypes, shapes and devices; the model's error is chained).
+        TypeError / ValueError: a missing, bad or ambiguous ``memory_budget``, a bad
+            ``blocks``, or blocks that match nothing; ``ValueError`` naming the smallest
+            feasible budget when none fits; ``ValueError`` when nothing requires grad, or
+            when the model fails on the example inputs (naming their dtypes, shapes and
+            devices; the model's error is chained).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"ckpt_compile.plan(model, ...): model must be an nn.Module, got {type(model).__name__}")
-    _check_budget(memory_budget)
+    if memory_budget is None:
+        raise TypeError("ckpt_compile.plan(model, *example_inputs, memory_budget=...): memory_budget is required "
+                        "(a fraction such as 0.5 of the activation bytes saved with no checkpointing, or a size such as '4GiB')")
+    try:
+        parsed = parse_memory_budget(memory_budget)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"ckpt_compile.plan: {e}") from e
     check_needs_grad("ckpt_compile.plan", model, example_inputs, example_kwargs)
     found = find_blocks(model, blocks)
     offload = _on_accelerator(model, example_inputs, example_kwargs)
@@ -190,14 +207,14 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int, blo
     costs = [[_cost(b, a, measured.sizes, measured.outside) for a in range(len(b.options))] for b in measured.blocks]
     table = pose(measured.sizes, measured.outside, saved, costs)
     baseline = union_bytes(measured.sizes, measured.outside, [s[0] for s in saved])
-    budget = memory_budget if isinstance(memory_budget, int) else int(memory_budget * baseline)
+    budget = parsed.bytes_of(baseline)
     try:
         choice = solve(table, budget)
     except Infeasible as e:
         raise ValueError(
-            f"ckpt_compile.plan: memory_budget={memory_budget!r} allows {budget} bytes, but no plan saves "
-            f"that little; the smallest feasible budget is {e.smallest} bytes "
-            f"({e.smallest / baseline:.4f} of the {baseline} bytes saved with no checkpointing)"
+            f"ckpt_compile.plan: memory_budget={memory_budget!r} allows {budget} bytes of activations, but no "
+            f"plan saves that little; the smallest feasible budget is {e.smallest} bytes "
+            f"({e.smallest / max(baseline, 1):.4f} of the {baseline} activation bytes saved with no checkpointing)"
         ) from None
     outside = measured.outside
     rows = tuple(
@@ -292,18 +309,6 @@ def _repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
             f"nn.Sequential with two or more children of one class); pass blocks=<a class, a tuple of classes or a predicate>"
         )
     return best
-
-
-def _check_budget(memory_budget: Any) -> None:
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
-        raise TypeError(
-            f"ckpt_compile.plan: memory_budget must be a float in (0, 1] (a fraction of the no-checkpoint "
-            f"activation bytes) or an int (bytes), got {type(memory_budget).__name__} {memory_budget!r}"
-        )
-    if isinstance(memory_budget, float) and not 0.0 < memory_budget <= 1.0:
-        raise ValueError(f"ckpt_compile.plan: memory_budget as a fraction must be in (0, 1], got {memory_budget!r}; pass an int for bytes")
-    if isinstance(memory_budget, int) and memory_budget <= 0:
-        raise ValueError(f"ckpt_compile.plan: memory_budget in bytes must be positive, got {memory_budget!r}")
 
 
 def _on_accelerator(model: nn.Module, args: tuple, kwargs: dict) -> bool:
