@@ -18,6 +18,9 @@ import warnings
 from typing import Any, Callable
 
 import torch
+from torch.utils.checkpoint import CheckpointPolicy
+
+from ckpt_compile.passes.facts import as_policy
 
 __all__: list[str] = []
 
@@ -259,4 +262,17 @@ def check_needs_grad(api: str, model: Any, args: tuple, kwargs: dict) -> None:
         f"{api}: nothing requires grad: no parameter of the {type(model).__name__} and no example input "
         f"requires grad, so the backward saves nothing. Unfreeze the parameters "
         f"(model.requires_grad_()) or pass inputs made with x.requires_grad_()."
+    )
+
+
+def policy_decision(value: Any, func, policy_fn=None) -> CheckpointPolicy:
+    """The policy's answer as a CheckpointPolicy, or a TypeError naming the policy and the op."""
+    policy = as_policy(value)  # a member, or PyTorch's older boolean form (True means save)
+    if policy is not None:
+        return policy
+    name = getattr(policy_fn, "__name__", None)
+    raise TypeError(
+        f"selective checkpoint policy {name + ' ' if name else ''}returned {value!r} for {func}; "
+        "expected a CheckpointPolicy member (MUST_SAVE, PREFER_SAVE, MUST_RECOMPUTE, PREFER_RECOMPUTE, "
+        "MUST_CPU_OFFLOAD, PREFER_CPU_OFFLOAD) or a bool, for every operator (a missing `return` gives None)."
     )

@@ -34,9 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import CheckpointPolicy
 
-from ckpt_compile.eager._misuse import PolicyWatch, check_policy
+from ckpt_compile.eager._misuse import PolicyWatch, check_policy, policy_decision
 from ckpt_compile.eager._named_values import aliases, is_name_op, storage_ptr
-from ckpt_compile.passes.facts import as_policy
 from ckpt_compile.eager._torch_api import (
     SAC_IGNORED_OPS,
     TORCH_HAS_RESPECT_HOOKS,
@@ -143,18 +142,6 @@ def _is_tracing() -> bool:
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
 
 
-def _as_policy(value: Any, func, policy_fn=None) -> CheckpointPolicy:
-    policy = as_policy(value)  # a member, or PyTorch's older boolean form (True means save)
-    if policy is not None:
-        return policy
-    name = getattr(policy_fn, "__name__", None)
-    raise TypeError(
-        f"selective checkpoint policy {name + ' ' if name else ''}returned {value!r} for {func}; "
-        "expected a CheckpointPolicy member (MUST_SAVE, PREFER_SAVE, MUST_RECOMPUTE, PREFER_RECOMPUTE, "
-        "MUST_CPU_OFFLOAD, PREFER_CPU_OFFLOAD) or a bool, for every operator (a missing `return` gives None)."
-    )
-
-
 class _SaveMode(TorchDispatchMode):
     """Forward half: asks the policy about each operator and caches what it saves."""
 
@@ -206,7 +193,7 @@ class _SaveMode(TorchDispatchMode):
         if is_name_op(func):
             self.watch.names_used.add(args[1])
         try:
-            policy = _as_policy(
+            policy = policy_decision(
                 self.policy_fn(SelectiveCheckpointContext(is_recompute=False, op_output=out), func, *args, **kwargs),
                 func, self.policy_fn,
             )
