@@ -91,6 +91,15 @@ class Net(nn.Module):
         return x
 
 
+class _DeepNet(Net):
+    """Blocks with activations inside (Net's single-linear blocks save only their boundaries,
+    so no budget under 1.0 fits them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(D, 4 * D), nn.Tanh(), nn.Linear(4 * D, D)) for _ in range(2))
+
+
 def _x(*shape: int) -> torch.Tensor:
     return torch.randn(*(shape or (2, D)), requires_grad=True)
 
@@ -583,7 +592,7 @@ CASES: list[Case] = [
          lambda: cc.plan(Net(), _x(), memory_budget=1.0).apply(nn.Sequential(nn.Linear(D, D))),
          ValueError, needs=("apply", "layers.0", "planned for")),
     Case("plan-apply-twice", "plan.apply twice on one model",
-         lambda: (lambda p, m: p.apply(p.apply(m)))(cc.plan(Net(), _x(), memory_budget=0.5), Net()),
+         lambda: (lambda p, m: p.apply(p.apply(m)))(cc.plan(_DeepNet(), _x(256, D), memory_budget=0.5), _DeepNet()),
          ValueError, needs=("apply", "already", "once")),
     # -- CLI -------------------------------------------------------------------------
     Case("cli-unknown-command", "python -m ckpt_compile profile",
