@@ -63,6 +63,9 @@ _LAZY = {
     "plan": "ckpt_compile.planner._plan",
     "CheckpointPlan": "ckpt_compile.planner._plan",
     "checkpoint_name": "ckpt_compile.policies",
+    "estimate_memory": "ckpt_compile.memory._estimate",
+    "measure_memory": "ckpt_compile.memory._measure",
+    "StepMemory": "ckpt_compile.memory._step",
 }
 
 __all__ = [
@@ -89,8 +92,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "policies":  # the policy library is a public module (API.md), loaded on first use
-        return importlib.import_module("ckpt_compile.policies")
+    if name in ("policies", "memory"):  # public modules (API.md), loaded on first use
+        return importlib.import_module(f"ckpt_compile.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ckpt_compile' has no attribute {name!r}")

@@ -127,7 +127,7 @@ def test_explain_errors_are_one_line_exit_2(factories, spec, message):
      "python -m ckpt_compile explain: error: argument --inner: invalid choice: 'aot_eager' (choose from "
      "'inductor', 'eager') (see python -m ckpt_compile explain --help)"),
     (("plot",), "python -m ckpt_compile: error: argument COMMAND: invalid choice: 'plot' (choose from 'demo', "
-     "'explain', 'plan') (see python -m ckpt_compile --help)"),
+     "'explain', 'plan', 'memory') (see python -m ckpt_compile --help)"),
     (("demo", "--steps", "1"), "python -m ckpt_compile demo: error: --steps must be at least 2, got 1"),
 ])
 def test_usage_errors_are_one_line_exit_2(factories, args, message):

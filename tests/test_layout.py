@@ -25,11 +25,12 @@ ALLOWED = {
     "modules": {"eager", "policies"},
     "diagnostics": {"eager", "passes"},
     "compile": {"eager", "passes", "diagnostics", "_budget"},
-    "planner": {"eager", "policies", "modules", "diagnostics", "passes", "_budget"},
-    "cli": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "top", "_budget"},
-    "top": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "cli", "_budget"},
+    "memory": {"eager", "policies", "modules", "diagnostics", "passes", "_budget"},
+    "planner": {"eager", "policies", "modules", "diagnostics", "passes", "memory", "_budget"},
+    "cli": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "memory", "top", "_budget"},
+    "top": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "memory", "cli", "_budget"},
 }
-SUBPACKAGES = ["eager", "modules", "compile", "diagnostics", "cli", "planner"]
+SUBPACKAGES = ["eager", "modules", "compile", "diagnostics", "cli", "planner", "memory"]
 
 
 def _modules() -> dict[str, pathlib.Path]:

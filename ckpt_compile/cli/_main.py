@@ -6,6 +6,7 @@
   example_inputs)``), print what ``backend="ckpt"`` saves and recomputes for it.
 - ``plan module:factory --memory-budget B``: print ``ckpt_compile.plan``'s per-block
   choice for that model under a budget.
+- ``memory module:factory``: print the estimated peak of one training step (``_memory``).
 
 ``--memory-budget`` (``explain`` and ``plan``) means what ``memory_budget`` means in
 Python (``ckpt_compile._budget``): activation bytes saved for the backward, parameters,
@@ -106,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("factory", metavar="module:factory")
     plan.add_argument("--memory-budget", required=True, metavar="B", help=_BUDGET_HELP)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    from ckpt_compile.cli import _memory
+
+    _memory.add_parser(sub)
     return parser
 
 
@@ -120,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "memory":
+            from ckpt_compile.cli import _memory
+
+            return _memory.run(args, _call_factory, _out_folder, _UsageError)
         return _explain(args)
     except _UsageError as e:
         print(f"{_PROG} {args.command}: error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 
+from ckpt_compile.diagnostics import _step_picture
 from ckpt_compile.diagnostics._graph_stats import format_bytes
 
 __all__ = ["render_svg", "render_html", "write_picture"]
@@ -205,9 +206,10 @@ def render_html(report, *, max_nodes: int = 400) -> str:
 
 
 def write_picture(report, path: str | os.PathLike, *, max_nodes: int = 400) -> pathlib.Path:
-    """Write the picture of ``report`` (a :class:`~ckpt_compile.Report`) to ``path``: ``.svg``
-    or ``.html`` (SVG inside, with the table); ``.png`` needs the optional ``cairosvg``
-    package (an ImportError says how to get it). Returns the path.
+    """Write the picture of ``report`` (a :class:`~ckpt_compile.Report`: the cut; or a
+    :class:`~ckpt_compile.StepMemory`: memory over the step, stacked by category, the peak
+    marked) to ``path``: ``.svg`` or ``.html`` (SVG inside, with the table); ``.png`` needs
+    the optional ``cairosvg`` package (an ImportError says how to get it). Returns the path.
 
     >>> import pathlib, tempfile, torch, ckpt_compile as cc
     >>> lin = torch.nn.Linear(64, 64)
@@ -219,10 +221,22 @@ def write_picture(report, path: str | os.PathLike, *, max_nodes: int = 400) -> p
     """
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
+    if _step_picture.is_step_memory(report):
+        def svg() -> str:
+            return _step_picture.render_step_svg(report.to_dict())
+
+        def html() -> str:
+            return _step_picture.render_step_html(report)
+    else:
+        def svg() -> str:
+            return render_svg(report, max_nodes=max_nodes)
+
+        def html() -> str:
+            return render_html(report, max_nodes=max_nodes)
     if suffix == ".svg":
-        path.write_text(render_svg(report, max_nodes=max_nodes))
+        path.write_text(svg())
     elif suffix in (".html", ".htm"):
-        path.write_text(render_html(report, max_nodes=max_nodes))
+        path.write_text(html())
     elif suffix == ".png":
         try:
             import cairosvg  # optional extra: imported only when a PNG is asked for
@@ -231,7 +245,7 @@ def write_picture(report, path: str | os.PathLike, *, max_nodes: int = 400) -> p
                 f"write_picture({os.fspath(path)!r}): PNG output needs cairosvg; "
                 "install it with `pip install cairosvg`, or write a .svg or .html file instead"
             ) from e
-        cairosvg.svg2png(bytestring=render_svg(report, max_nodes=max_nodes).encode(), write_to=str(path))
+        cairosvg.svg2png(bytestring=svg().encode(), write_to=str(path))
     else:
         raise ValueError(f"write_picture: unsupported file type {os.fspath(path)!r}; use .svg, .html or .png")
     return path

@@ -1,0 +1,136 @@
+"""The step-memory corpus: models, checkpoint entry points and the reference step, shared by
+``tests/test_memory.py`` and ``benchmarks/memory.py``.
+
+Models come from ``compile_corpus`` (plus a Hugging Face BERT here); every entry point of
+ours and of torch's can be applied to their blocks. The reference is one real training
+step after a first one (so the optimizer's state exists), measured by
+``cc.measure_memory``; its loop drops the loss before the optimizer step, as the estimate
+does, and its input needs no gradient (training data).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy
+
+import ckpt_compile as cc
+import compile_corpus
+
+MODELS = ("mlp", "gpt", "hf_gpt2", "hf_llama", "bert", "conv")
+# Conv sizes where oneDNN's unmodelled scratchpad stays well under the 3% tolerance.
+CONV = dict(blocks=2, c=16, hw=32, n=4)
+OPTIMIZERS = {
+    "adamw": torch.optim.AdamW,
+    "sgd": functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+}
+
+
+def _offload_matmuls(ctx, op, *args, **kwargs):
+    if op.overloadpacket.__name__ in ("mm", "addmm", "bmm", "convolution"):
+        return CheckpointPolicy.MUST_CPU_OFFLOAD
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _region(fn):
+    return lambda block: compile_corpus._Region(block, fn)
+
+
+def _offload_policy(block, *args, **kwargs):
+    ctx = functools.partial(cc.create_selective_checkpoint_contexts, _offload_matmuls)
+    return cc.checkpoint(block, *args, use_reentrant=False, context_fn=ctx, **kwargs)
+
+
+def _torch_wrapper(block):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    return checkpoint_wrapper(block)
+
+
+def _composable(block):
+    import ckpt_compile.composable
+
+    return ckpt_compile.composable.checkpoint(block)
+
+
+def _torch_composable(block):
+    from torch.distributed._composable import checkpoint
+
+    return checkpoint(block)
+
+
+WRAPS = {
+    **compile_corpus.WRAPS,
+    "torch_checkpoint_wrapper": _torch_wrapper,
+    "offload_wrapper": lambda block: cc.offload_wrapper(block),
+    "offload_policy": _region(_offload_policy),
+    "composable": _composable,
+    "torch_composable": _torch_composable,
+}
+ALL_WRAPS = (*WRAPS, "plan")
+
+
+class _MLM(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits.float().pow(2).mean()
+
+    @property
+    def blocks(self):
+        return self.model.bert.encoder.layer
+
+
+def _bert(blocks: int, d: int) -> nn.Module:
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=256, hidden_size=d, num_hidden_layers=blocks, num_attention_heads=4,
+                                     intermediate_size=2 * d, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
+    return _MLM(transformers.BertForMaskedLM(config))
+
+
+def build(name: str, wrap: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """``(model, input)`` with each block wrapped by ``WRAPS[wrap]`` (or an applied plan at
+    half the activation bytes)."""
+    first = "none" if wrap == "plan" else wrap
+    if name == "bert":
+        torch.manual_seed(seed)
+        model = _bert(2, 64)
+        for k in range(len(model.blocks)):
+            model.blocks[k] = WRAPS[first](model.blocks[k])
+        x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    else:
+        if name == "conv":
+            compile_corpus.SIZES["conv"]["memory"] = CONV
+        scale = "memory" if name == "conv" else "test"
+        if first in compile_corpus.WRAPS:
+            model, x = compile_corpus.build(name, first, scale, seed)
+        else:
+            model, x = compile_corpus.build(name, "none", scale, seed)
+            for k in range(len(model.blocks)):
+                model.blocks[k] = WRAPS[first](model.blocks[k])
+        x = x.detach()
+    if wrap == "plan":
+        cc.plan(model, x, memory_budget=0.5).apply(model)
+    return model, x
+
+
+def measured(model: nn.Module, x: torch.Tensor, optimizer) -> cc.StepMemory:
+    """The peak of one real step after a first one (CPU profiler memory timeline)."""
+    from ckpt_compile.memory._measure import _measure_cpu
+
+    opt = optimizer(model.parameters())
+
+    def step():
+        loss = model(x)
+        loss.backward()
+        del loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    return _measure_cpu(step)
