@@ -2,14 +2,13 @@
 
 Pose: the fixed parts of the step (parameters, gradients, optimizer state, the loss and the
 head, each block's own working set) come from ``cc.estimate_memory`` runs of the whole step
-on fake tensors, one per option index, every block run with that option (blocks lacking it
-run with none). Each point of a run's timeline belongs to a block (the module running, in
+on fake tensors: one with no checkpoint, and one or two more in which the blocks of each
+kind try the other options (:func:`pose_peaks`: identical blocks measured once). Each point of a run's timeline belongs to a block (the module running, in
 forward, in backward or in a checkpointed block's recomputation) or lies between blocks,
 when a known prefix of the chain holds its saved bytes (blocks whose forward ran, in the
 forward; blocks whose backward has not started, in the backward; none in the optimizer
 step). Less that prefix's saved bytes (the measured storage sets of ``_measure``) it gives
-``within[k][option]`` or ``after[j]`` of :class:`~._solve_peak.PeakTable`, the highest over
-the runs. The model is exact when blocks do not interact beyond what they save; where they
+``within[k][option]`` or ``after[j]`` of :class:`~._solve_peak.PeakTable`. The model is exact when blocks do not interact beyond what they save; where they
 do (a storage two neighbours share, a temporary that outlives a block), the plan's
 estimate says so and the solver is run again under a budget lowered by the excess
 (``_TIGHTEN`` times at most), so that a returned plan is never over its budget as
@@ -70,9 +69,10 @@ def applied(model: nn.Module, measured: Measurement, options: Sequence[int]):
 
 
 def plan_peak(model: nn.Module, measured: Measurement, table: Table, budget: int,
-              estimate: Callable[[nn.Module], Any]) -> PeakResult:
+              estimate: Callable[..., Any]) -> PeakResult:
     """The cheapest per-block choice whose estimated step peak is <= ``budget``.
-    ``estimate(model)`` is ``cc.estimate_memory`` of one step of ``model`` as it is."""
+    ``estimate(model, with_optimizer=True)`` is ``cc.estimate_memory`` of one step of
+    ``model`` as it is (without its optimizer step when False)."""
     peaks = pose_peaks(model, measured, table, estimate)
     target = budget
     tried: dict[tuple[int, ...], Any] = {}
@@ -100,52 +100,98 @@ def _infeasible(model, measured, peaks: PeakTable, budget: int, estimate, tried)
 
 
 def pose_peaks(model: nn.Module, measured: Measurement, table: Table, estimate) -> PeakTable:
-    """The :class:`PeakTable` of the module docstring, from one estimate per option index."""
+    """The :class:`PeakTable` of the module docstring.
+
+    Identical blocks are measured once: a block's peak under an option is its peak with no
+    checkpoint (one run of the whole step, which also gives every moment between blocks)
+    plus what the option adds to its working set (in forward, and in backward with its
+    recomputation), the same for every block of its kind. Those differences come from as
+    few extra runs as the options of a kind outnumber its blocks (usually one): each run
+    gives every block of a kind another option.
+    """
     blocks = measured.blocks
     n = len(blocks)
     index = {b.name: k for k, b in enumerate(blocks)}
-    within = [[None] * len(b.options) for b in blocks]
+    kinds: dict[tuple, list[int]] = {}
+    for k, b in enumerate(blocks):
+        kinds.setdefault((b.cls, b.options, b.recompute_flops, b.forward_flops), []).append(k)
+    runs = [tuple(0 for _ in blocks)]
+    extra = max((-(-(len(b.options) - 1) // len(ks)) for ks in kinds.values() for b in [blocks[ks[0]]]), default=0)
+    for r in range(extra):
+        options = [0] * n
+        for ks in kinds.values():
+            q = len(blocks[ks[0]].options) - 1
+            for t, k in enumerate(ks):
+                options[k] = 1 + (r * len(ks) + t) % q if q else 0
+        runs.append(tuple(options))
     after: list[int | None] = [None] * (n + 1)
-    for r in range(max((len(b.options) for b in blocks), default=1)):
-        options = tuple(r if r < len(b.options) else 0 for b in blocks)
+    # (forward, backward) residual of each block in each run
+    per_run: list[list[list[int | None]]] = []
+    # The optimizer's step and state do not depend on the plan: only the first run takes
+    # the step (about half of an estimate's time with AdamW); the others count its state,
+    # alive from start to end, as the difference of the start bytes.
+    state_bytes = 0
+    for r, options in enumerate(runs):
         with applied(model, measured, options):
-            step = estimate(model)
+            step = estimate(model, with_optimizer=r == 0)
+        if r == 0:
+            first = step
+        else:
+            state_bytes = first.start_bytes - step.start_bytes
         prefix = prefixes(table, options)
-        for k, j, total in _moments(step.timeline, index, n):
+        residual: list[list[int | None]] = [[None, None] for _ in blocks]
+        for k, j, backward, total in _moments(step.timeline, index, n):
+            total += state_bytes
             if k is not None:
-                a = options[k]
                 value = total - prefix[k]
-                within[k][a] = value if within[k][a] is None else max(within[k][a], value)
+                old = residual[k][backward]
+                residual[k][backward] = value if old is None else max(old, value)
             else:
                 value = total - prefix[j]
                 after[j] = value if after[j] is None else max(after[j], value)
+        per_run.append(residual)
     # A moment no run saw (a block whose backward runs no op of its own) holds nothing extra.
     floor = min((v for v in after if v is not None), default=0)
-    return PeakTable(table,
-                     tuple(tuple(floor if v is None else v for v in row) for row in within),
-                     tuple(floor if v is None else v for v in after))
+    base = [[floor if v is None else v for v in row] for row in per_run[0]]
+    # What option b adds to a kind's forward and backward peaks, the most any block showed.
+    added: dict[tuple[int, int], list[int]] = {}
+    for options, residual in zip(runs[1:], per_run[1:]):
+        for kind, ks in enumerate(kinds.values()):
+            for k in ks:
+                got = [floor if v is None else v for v in residual[k]]
+                delta = [got[0] - base[k][0], got[1] - base[k][1]]
+                key = (kind, options[k])
+                added[key] = [max(a, d) for a, d in zip(added.get(key, delta), delta)]
+    within = [None] * n
+    for kind, ks in enumerate(kinds.values()):
+        for k in ks:
+            within[k] = tuple(
+                max(base[k][0] + added.get((kind, b), (0, 0))[0], base[k][1] + added.get((kind, b), (0, 0))[1])
+                for b in range(len(blocks[k].options)))
+    return PeakTable(table, tuple(within), tuple(floor if v is None else v for v in after))
 
 
 def _moments(timeline, index: dict[str, int], n: int):
-    """(block index or None, blocks holding saved bytes, live bytes) per timeline point."""
+    """(block index or None, blocks holding saved bytes, in backward, live bytes) per
+    timeline point."""
     done_forward = 0      # blocks whose forward has finished
     first_backward = n    # the lowest block whose backward has started
     for point in timeline:
         k = _block_of(point.module, index)
         if point.phase == "optimizer":
-            yield None, 0, point.total
+            yield None, 0, 1, point.total
         elif point.phase in ("forward", "loss", None):
             if k is not None:
                 done_forward = max(done_forward, k + 1)
-                yield k, k, point.total
+                yield k, k, 0, point.total
             else:
-                yield None, done_forward, point.total
+                yield None, done_forward, 0, point.total
         else:  # backward
             if k is not None:
                 first_backward = min(first_backward, k)
-                yield k, k, point.total
+                yield k, k, 1, point.total
             else:
-                yield None, first_backward, point.total
+                yield None, first_backward, 1, point.total
 
 
 def _block_of(module: str | None, index: dict[str, int]) -> int | None:

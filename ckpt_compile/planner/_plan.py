@@ -258,9 +258,9 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
     if peak_memory is not None:
         from ckpt_compile.memory import estimate_memory
 
-        def estimate(m: nn.Module):
-            return estimate_memory(m, *example_inputs, optimizer=optimizer, loss_fn=loss_fn, world_size=world_size,
-                                   **example_kwargs)
+        def estimate(m: nn.Module, with_optimizer: bool = True):
+            return estimate_memory(m, *example_inputs, optimizer=optimizer if with_optimizer else None,
+                                   loss_fn=loss_fn, world_size=world_size, **example_kwargs)
 
         try:
             result = plan_peak(model, measured, table, peak_budget, estimate)

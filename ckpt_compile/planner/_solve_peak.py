@@ -97,7 +97,7 @@ def peak_of(peaks: PeakTable, options: Sequence[int]) -> tuple[int, Cost]:
 
 def solve_peak(peaks: PeakTable, budget: int) -> PeakChoice | None:
     """The cheapest choice whose peak is <= ``budget`` (the lower peak among equally cheap
-    ones, then the lexicographically smallest option indices); None when there is none."""
+    ones); None when there is none."""
     return _run(peaks, budget, by_cost=True)
 
 
