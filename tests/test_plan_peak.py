@@ -5,6 +5,7 @@ force; errors."""
 from __future__ import annotations
 
 import copy
+import json
 import functools
 import itertools
 import random
@@ -129,7 +130,7 @@ def test_meta_model_plans_the_same():
     assert on_meta.predicted_peak_bytes <= budget
     # On the CPU each checkpointed block also keeps the CPU RNG state (5056 bytes), which a
     # meta-device step does not hold: the meta plan applied to the CPU model is over by no more.
-    rng = torch.get_rng_state().nbytes() * sum(r.kind == "checkpoint" for r in on_meta.blocks)
+    rng = torch.get_rng_state().nbytes * sum(r.kind == "checkpoint" for r in on_meta.blocks)
     on_cpu = cc.estimate_memory(on_meta.apply(model), x, optimizer=ADAMW).peak_bytes
     assert on_cpu <= budget + rng
 
@@ -176,3 +177,37 @@ def test_peak_solver_matches_brute_force():
             # Equal (cost, peak) may come from another choice: the figures must agree.
             assert (got.cost, got.peak) == (want.cost, want.peak), (peaks, budget)
             assert peak_of(peaks, got.options) == (got.peak, got.cost)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_plan_peak_memory(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "mymodels.py").write_text(
+        "import torch, compile_corpus\n"
+        f"SIZES = {SIZES['gpt']!r}\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return compile_corpus._model('gpt', SIZES), compile_corpus._input('gpt', SIZES)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(__file__)])}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "ckpt_compile", "plan", "mymodels:make", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    done = run("--peak-memory", "8GiB", "--optimizer", "adamw", "--json")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    model, x = _build("gpt")
+    want = cc.plan(model, x, peak_memory="8GiB", optimizer=ADAMW)
+    assert got["predicted_peak_bytes"] == want.predicted_peak_bytes and got["peak_budget_bytes"] == 8 * 2**30
+    low = run("--peak-memory", "1MiB", "--optimizer", "adamw")
+    assert low.returncode == 2 and "peak_memory='1MiB' (1.00 MiB) is below the smallest feasible step peak" in low.stderr
+    both = run("--peak-memory", "1GiB", "--memory-budget", "0.5")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    fraction = run("--peak-memory", "0.5")
+    assert fraction.returncode == 2 and "--peak-memory='0.5': a peak is a size, not a fraction" in fraction.stderr

@@ -134,7 +134,7 @@ class CheckpointPlan:
         if self.peak_budget_bytes is None:
             fit = f"{saved} (budget {format_bytes(self.budget_bytes)})"
         else:
-            where = self.peak_phase + (f" in {self.peak_module}" if self.peak_module else "")
+            where = _where(self.peak_phase, self.peak_module)
             fit = (f"step peak {format_bytes(self.predicted_peak_bytes)} (budget {format_bytes(self.peak_budget_bytes)}, "
                    f"estimated, at the {where}), {saved}")
         return (
@@ -148,7 +148,7 @@ class CheckpointPlan:
         if self.peak_breakdown is None:
             return []
         held = " + ".join(f"{name.replace('_', ' ')} {format_bytes(b)}" for name, b in self.peak_breakdown.items() if b)
-        where = self.peak_phase + (f" in {self.peak_module}" if self.peak_module else "")
+        where = _where(self.peak_phase, self.peak_module)
         return [f"step peak {format_bytes(self.predicted_peak_bytes)} at the {where}: {held}"]
 
     def __str__(self) -> str:
@@ -304,6 +304,13 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
     )
 
 
+def _where(phase: str | None, module: str | None) -> str:
+    """Where a peak sits, as the step reads: "backward in blocks.0", "start of the backward"."""
+    if module:
+        return f"{phase} in {module}"
+    return "start of the backward" if phase == "backward" else str(phase)
+
+
 def _infeasible_peak_message(peak_memory, budget: int, e: PeakInfeasible, measured, optimizer) -> str:
     """What the smallest peak is, what holds it that no block choice changes, what to do."""
     from ckpt_compile.diagnostics._graph_stats import format_bytes
@@ -319,7 +326,7 @@ def _infeasible_peak_message(peak_memory, budget: int, e: PeakInfeasible, measur
     names = {b.name for b in measured.blocks}
     module = step.peak_module
     in_block = module is not None and any(module == n or module.startswith(n + ".") for n in names)
-    where = step.peak_phase + (f" in {module}" if module else "")
+    where = _where(step.peak_phase, module)
     moving = parts["activations"] + parts["temporary"]
     if in_block:
         held = f"activations and temporaries {format_bytes(moving)} inside block {module} (its own working set)"
