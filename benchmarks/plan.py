@@ -79,7 +79,7 @@ def flops_of_step(model, ids) -> int:
 def retained_bytes(forward) -> int:
     """Bytes ``forward()`` leaves allocated on the CPU, less its output (torch.profiler's
     memory timeline; tensors alive before the call are taken off). The same measure as
-    ``tests/compile_corpus.retained_after_forward``, eager and compiled rows alike."""
+    ``retained_after_forward`` in ``tests/compile_corpus.py``, eager and compiled rows alike."""
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 

@@ -1,6 +1,6 @@
 """What ``cc.plan(memory_budget=0.5)`` really keeps for the backward, on the corpus GPT (8
 blocks) and MLP (6 blocks): bytes retained after the forward (torch.profiler's memory
-timeline, parameters and inputs not counted, ``tests/compile_corpus.retained_after_forward``)
+timeline, parameters and inputs not counted, ``retained_after_forward`` in ``tests/compile_corpus.py``)
 with no checkpointing and with the plan applied, next to the plan's own figures.
 
     python benchmarks/plan_retained.py

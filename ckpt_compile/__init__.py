@@ -92,7 +92,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in ("policies", "memory"):  # public modules (API.md), loaded on first use
+    if name in ("policies", "memory"):  # public modules (docs/api.md), loaded on first use
         return importlib.import_module(f"ckpt_compile.{name}")
     module = _LAZY.get(name)
     if module is None:

@@ -1,4 +1,4 @@
-"""Public path of the composable API (API.md); the code lives in ``ckpt_compile.modules.composable``.
+"""Public path of the composable API (docs/api.md); the code lives in ``ckpt_compile.modules.composable``.
 
 A drop-in for ``torch.distributed._composable.checkpoint``.
 """

@@ -36,14 +36,13 @@ torch.Size([8, 8])
 """
 from __future__ import annotations
 
-import sys
-import weakref
 from typing import Any, Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from ckpt_compile.eager._named_values import NAME_OP
 from ckpt_compile.eager._selective import CheckpointPolicy
+from ckpt_compile.passes.facts import EXPENSIVE, MATMULS_WITHOUT_BATCH_DIMS, as_policy
 
 __all__ = [
     "checkpoint_name",
@@ -66,28 +65,8 @@ _OFFLOAD = CheckpointPolicy.MUST_CPU_OFFLOAD
 
 
 # ---------------------------------------------------------------------------- names
-# A functional custom op: policies see it as one operator call whose second argument is
-# the name. It returns a copy, not a view: custom ops may not alias their inputs, and a
-# view would share its producer's storage (the partitioner never saves a view alone). The
-# copy costs no saved bytes: inside a checkpointed region the producer's output is not
-# kept once the copy exists, so the named value is stored exactly once.
-@torch.library.custom_op("ckpt_compile::checkpoint_name", mutates_args=())
-def _name_op(x: torch.Tensor, name: str) -> torch.Tensor:
-    return x.clone()
-
-
-@_name_op.register_fake
-def _(x, name):
-    return torch.empty_like(x)
-
-
-def _name_backward(ctx, grad):
-    return grad, None
-
-
-_name_op.register_autograd(_name_backward)
-
-NAME_OP = torch.ops.ckpt_compile.checkpoint_name.default
+# NAME_OP (``ckpt_compile::checkpoint_name``) is defined by the engine, so that it exists
+# whatever was imported first (see ckpt_compile.eager._named_values).
 
 
 def checkpoint_name(tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -121,27 +100,10 @@ def _check_names(api: str, names: tuple) -> frozenset:
 
 
 # ---------------------------------------------------------------------------- ops
-def _ops(*names: str) -> frozenset:
-    # Looked up by name so that an operator missing from this torch build is skipped.
-    found = set()
-    for name in names:
-        packet, _, overload = name.partition(".")
-        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
-        if op is not None:
-            found.add(op)
-    return frozenset(found)
-
-
-# dot_general without batch dimensions in JAX's sense: one matrix product per call.
-_MATMULS_NO_BATCH = _ops("mm", "addmm", "mv", "addmv", "dot", "_int_mm", "_scaled_mm")
-_MATMULS = _MATMULS_NO_BATCH | _ops(
-    "bmm", "baddbmm", "addbmm",
-    "convolution", "_convolution",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward",
-    "_efficient_attention_forward",
-)
+def _is_matmul(op) -> bool:
+    # Matrix products, convolutions and fused attention: the partitioner's expensive-op
+    # set (ckpt_compile.passes.facts.EXPENSIVE), matched by operator packet.
+    return getattr(op, "overloadpacket", None) in EXPENSIVE
 
 
 # ---------------------------------------------------------------------------- policies
@@ -158,14 +120,14 @@ def save_everything(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 def save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Save the outputs of matrix products (``mm``, ``addmm``, ``bmm``, ...), convolutions and
     fused attention; recompute the rest (JAX's ``dots_saveable``)."""
-    return _SAVE if op in _MATMULS else _RECOMPUTE
+    return _SAVE if _is_matmul(op) else _RECOMPUTE
 
 
 def save_matmuls_without_batch_dims(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Save only products without batch dimensions (``mm``, ``addmm``: the linear layers),
     recompute batched ones (``bmm``: attention scores) and all else (JAX's
     ``dots_with_no_batch_dims_saveable``)."""
-    return _SAVE if op in _MATMULS_NO_BATCH else _RECOMPUTE
+    return _SAVE if getattr(op, "overloadpacket", None) in MATMULS_WITHOUT_BATCH_DIMS else _RECOMPUTE
 
 
 def save_only_these_names(*names: str) -> Policy:
@@ -206,41 +168,20 @@ def offload_these_names(*names: str) -> Policy:
     return policy
 
 
-class _Counter:
-    """Calls counted per run of a checkpointed region.
+class _Count:
+    """Calls counted by one copy of a counting policy (see :func:`save_ops`)."""
 
-    One policy object serves every region and every step (it is bound once into
-    ``functools.partial(create_selective_checkpoint_contexts, policy)``), but each run of
-    a region creates fresh dispatch modes, and the mode calls the policy from its own
-    ``__torch_dispatch__``. Counting per calling mode therefore restarts at each region
-    run, forward and recomputation alike (torch before 2.5 asked the policy again in the
-    recomputation, with ``ctx.is_recompute=True``, through a second mode), and per trace
-    under ``torch.compile``, where AOTAutograd runs the policy once per traced operator.
-    """
+    __slots__ = ("calls",)
 
     def __init__(self) -> None:
-        self._per_mode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._outside = 0  # calls made directly, not from a dispatch mode
+        self.calls = 0
 
     def next(self) -> int:
-        mode = _calling_mode()
-        if mode is None:
-            index, self._outside = self._outside, self._outside + 1
-            return index
-        index = self._per_mode.get(mode, 0)
-        self._per_mode[mode] = index + 1
+        index, self.calls = self.calls, self.calls + 1
         return index
 
-
-def _calling_mode(depth: int = 12) -> TorchDispatchMode | None:
-    frame = sys._getframe(2)
-    while frame is not None and depth > 0:
-        if frame.f_code.co_name == "__torch_dispatch__":
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, TorchDispatchMode):
-                return owner
-        frame, depth = frame.f_back, depth - 1
-    return None
+    def __repr__(self) -> str:  # stable: the backend's cache key describes policies by repr
+        return "_Count()"
 
 
 def save_ops(*ops, every: int = 1) -> Policy:
@@ -248,6 +189,15 @@ def save_ops(*ops, every: int = 1) -> Policy:
     (n+1)-th, (2n+1)-th ... call in each run of a checkpointed region (the listed ops'
     calls counted together, in program order; torchtitan's "save every other matmul" is
     ``save_ops(torch.ops.aten.mm.default, every=2)``). Everything else is recomputed.
+
+    How the count restarts per region run, without looking at who calls: the policy
+    offers ``fresh_per_region()``, a copy counting from 0, and
+    ``cc.create_selective_checkpoint_contexts`` takes one per context pair, that is per
+    run of a region (forward, or trace under ``torch.compile``), as torchtitan builds its
+    counting policy per region. Called directly, or through torch's
+    ``create_selective_checkpoint_contexts`` (which knows no such copy), the policy counts
+    over its whole life; with torch's, build one per region instead:
+    ``context_fn=lambda: create_selective_checkpoint_contexts(save_ops(mm, every=2))``.
 
     ``ops`` are ``OpOverload`` (``torch.ops.aten.mm.default``) or ``OpOverloadPacket``
     (``torch.ops.aten.mm``: all its overloads).
@@ -270,18 +220,22 @@ def save_ops(*ops, every: int = 1) -> Policy:
             )
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"policies.save_ops(*ops, every): every must be an int >= 1, got {every!r}")
-    counter = _Counter() if every > 1 else None
-
-    def policy(ctx, op, *args, **kwargs):
-        if op not in overloads and getattr(op, "overloadpacket", None) not in packets:
-            return _RECOMPUTE
-        if counter is None:
-            return _SAVE
-        return _SAVE if counter.next() % every == 0 else _RECOMPUTE
-
     listed = ", ".join(str(op) for op in ops)
-    policy.__name__ = policy.__qualname__ = f"save_ops({listed}, every={every})"
-    return policy
+
+    def make(count: _Count | None) -> Policy:
+        def policy(ctx, op, *args, **kwargs):
+            if op not in overloads and getattr(op, "overloadpacket", None) not in packets:
+                return _RECOMPUTE
+            if count is None:
+                return _SAVE
+            return _SAVE if count.next() % every == 0 else _RECOMPUTE
+
+        policy.__name__ = policy.__qualname__ = f"save_ops({listed}, every={every})"
+        if count is not None:
+            policy.fresh_per_region = lambda: make(_Count())
+        return policy
+
+    return make(_Count() if every > 1 else None)
 
 
 # Rank of each decision when two policies are merged: save beats offload beats recompute.
@@ -294,10 +248,9 @@ _MUST = frozenset({CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_CPU_OFFLOAD
 
 
 def _as_policy(value: Any, which: Callable, op) -> CheckpointPolicy:
-    if isinstance(value, CheckpointPolicy):
-        return value
-    if isinstance(value, bool):  # torch's older boolean policies: True means save
-        return CheckpointPolicy.MUST_SAVE if value else CheckpointPolicy.PREFER_RECOMPUTE
+    policy = as_policy(value)  # a member, or torch's older boolean form (True means save)
+    if policy is not None:
+        return policy
     raise TypeError(
         f"policies.save_from_both: {getattr(which, '__name__', which)!r} returned {value!r} for {op}; "
         "expected a CheckpointPolicy member or a bool"
@@ -319,6 +272,8 @@ def save_from_both(p: Policy, q: Policy) -> Policy:
         if not callable(which):
             raise TypeError(f"policies.save_from_both(p, q): policies must be callable, got {which!r}")
 
+    fresh = [getattr(which, "fresh_per_region", None) for which in (p, q)]
+
     def policy(ctx, op, *args, **kwargs):
         a = _as_policy(p(ctx, op, *args, **kwargs), p, op)
         b = _as_policy(q(ctx, op, *args, **kwargs), q, op)
@@ -329,4 +284,6 @@ def save_from_both(p: Policy, q: Policy) -> Policy:
     policy.__name__ = policy.__qualname__ = (
         f"save_from_both({getattr(p, '__name__', p)}, {getattr(q, '__name__', q)})"
     )
+    if any(fresh):  # a counting policy inside: a fresh pair per region run (see save_ops)
+        policy.fresh_per_region = lambda: save_from_both(*(f() if f else w for f, w in zip(fresh, (p, q))))
     return policy

@@ -1,4 +1,4 @@
-"""Public path of the module wrappers (API.md); the code lives in ``ckpt_compile.modules.wrappers``.
+"""Public path of the module wrappers (docs/api.md); the code lives in ``ckpt_compile.modules.wrappers``.
 
 A drop-in for ``torch.distributed.algorithms._checkpoint.checkpoint_wrapper``.
 """

@@ -21,7 +21,8 @@ best plan keeps ``c`` and recomputes ``b`` from ``a`` (4 bytes, 1 FLOP)::
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 from .mincut import BudgetTooSmall, Cut, min_cut, plan_cost, saved_of, segment_walk
 
@@ -110,146 +111,216 @@ def _swap_search(problem: Any, cut: Cut, max_bytes: int, *, width: int = 64, rou
     inputs it forces and up to ``deeps - 1`` levels of its other inputs (recomputing the
     attention projection together with the residual add it feeds, say). Each step takes
     the move with the fewest FLOPs (then bytes) that fits; it stops when none lowers the
-    FLOPs. Deterministic (sorted candidates, ties by index). Within a step, moves are
-    scored with per-value counts of recomputed consumers, updated and undone in place."""
-    n = len(problem)
-    preds = [set() for _ in range(n)]
-    for u, v in problem.edges:
-        preds[v].add(u)
-    preds = [sorted(p) for p in preds]
-    needed = problem.needed
-    must = problem.must_save
-    nbytes, cost, weight = problem.nbytes, problem.recompute_cost, problem.save_weight
-    free = [i for i in range(n) if i not in problem.must_save]
-    recomputed = set(cut.recomputed)
-    readers = [0] * n  # per value: how many recomputed values read it
-    for v in recomputed:
-        for u in preds[v]:
-            readers[u] += 1
+    FLOPs. Deterministic (sorted candidates, ties by index). Moves are tried on one
+    :class:`_Search` state, changed and undone in place."""
+    search = _Search(problem, cut.recomputed)
+    for _ in range(rounds):
+        move = _best_move(search, max_bytes, width=width, depth=depth, deeps=deeps)
+        if move is None:
+            break
+        search.commit(move)
+    return search.cut()
 
-    def saved(u):
-        return u not in recomputed and (u in needed or readers[u] > 0)
 
-    total_bytes = sum(nbytes[u] for u in range(n) if saved(u))
-    flops = sum(cost[v] for v in recomputed)
+class _Move(NamedTuple):
+    """Save ``value`` instead of recomputing it, then recompute each ``(saved value,
+    levels of its inputs)`` of ``additions``: the plan's FLOPs and bytes after it.
+    Compared as a tuple: fewest FLOPs, then bytes, then the lowest indices."""
 
-    def plan_remove(v):
-        removed, dec, stack = {v}, {}, [v]
+    flops: int
+    saved_bytes: int
+    value: int
+    additions: tuple[tuple[int, int], ...]
+
+
+class _Removal(NamedTuple):
+    """Values leaving the recompute set, and per input how many recomputed readers it loses."""
+
+    removed: frozenset[int]
+    released: dict[int, int]
+    bytes_delta: int
+    flops_delta: int
+
+
+class _Addition(NamedTuple):
+    """Values joining the recompute set."""
+
+    added: frozenset[int]
+    bytes_delta: int
+    flops_delta: int
+
+
+class _Search:
+    """A recompute set, its saved bytes and FLOPs, and per value how many recomputed
+    values read it (a value is saved when the backward or a recomputed value reads it)."""
+
+    def __init__(self, problem: Any, recomputed: Iterable[int]) -> None:
+        n = len(problem)
+        inputs: list[set[int]] = [set() for _ in range(n)]
+        for u, v in problem.edges:
+            inputs[v].add(u)
+        self.problem = problem
+        self.inputs = [sorted(p) for p in inputs]
+        self.free = [i for i in range(n) if i not in problem.must_save]
+        self.recomputed = set(recomputed)
+        self.readers = [0] * n
+        for v in self.recomputed:
+            for u in self.inputs[v]:
+                self.readers[u] += 1
+        self.saved_bytes = sum(problem.nbytes[u] for u in range(n) if self.is_saved(u))
+        self.flops = sum(problem.recompute_cost[v] for v in self.recomputed)
+
+    def is_saved(self, u: int) -> bool:
+        return u not in self.recomputed and (u in self.problem.needed or self.readers[u] > 0)
+
+    def costliest_recomputed(self, width: int) -> list[int]:
+        cost = self.problem.recompute_cost
+        return sorted((v for v in self.recomputed if cost[v]), key=lambda v: (-cost[v], v))[:width]
+
+    def removal(self, v: int) -> _Removal | None:
+        """Save ``v``: it and the recomputed values only it read leave the recompute set.
+        None when one of them would have to be saved and never may be."""
+        problem, readers = self.problem, self.readers
+        removed, released, stack = {v}, {}, [v]
         while stack:
-            x = stack.pop()
-            for u in preds[x]:
-                dec[u] = dec.get(u, 0) + 1
-                if u in recomputed and u not in removed and u not in needed and readers[u] == dec[u]:
+            for u in self.inputs[stack.pop()]:
+                released[u] = released.get(u, 0) + 1
+                if u in self.recomputed and u not in removed and u not in problem.needed and readers[u] == released[u]:
                     removed.add(u)
                     stack.append(u)
-        db = 0
-        for x in removed:
-            if x in needed or readers[x] > dec.get(x, 0):
-                if weight[x] is None:
+        bytes_delta = 0
+        for x in removed:  # still read by the backward or another recompute: now saved
+            if x in problem.needed or readers[x] > released.get(x, 0):
+                if problem.save_weight[x] is None:
                     return None
-                db += nbytes[x]
-        for u, d in dec.items():
-            if u not in recomputed and u not in needed and readers[u] == d:
-                db -= nbytes[u]
-        return removed, dec, db, -sum(cost[x] for x in removed)
+                bytes_delta += problem.nbytes[x]
+        for u, count in released.items():  # read by nothing any more: no longer saved
+            if u not in self.recomputed and u not in problem.needed and readers[u] == count:
+                bytes_delta -= problem.nbytes[u]
+        return _Removal(frozenset(removed), released, bytes_delta, -sum(problem.recompute_cost[x] for x in removed))
 
-    def add_plan(w, deep=0):
+    def addition(self, w: int, deep: int) -> _Addition | None:
+        """Recompute the saved value ``w``, with the never-saved inputs it forces and up to
+        ``deep`` levels of its other inputs. None when that reaches a ``must_save`` value
+        that may not be saved either."""
+        problem = self.problem
         added, newly, stack = set(), set(), [(w, 0)]
         while stack:
             x, level = stack.pop()
             if x in added:
                 continue
             added.add(x)
-            for u in preds[x]:
-                if u in recomputed or u in added or u in needed or readers[u] > 0:
+            for u in self.inputs[x]:
+                if u in self.recomputed or u in added or u in problem.needed or self.readers[u] > 0:
                     continue
-                if weight[u] is None or (level < deep and u not in must):
-                    if u in must:
+                if problem.save_weight[u] is None or (level < deep and u not in problem.must_save):
+                    if u in problem.must_save:
                         return None
                     stack.append((u, level + 1))
                 else:
                     newly.add(u)
-        db = sum(nbytes[u] for u in newly - added) - sum(nbytes[x] for x in added if saved(x))
-        return added, db, sum(cost[x] for x in added)
+        bytes_delta = sum(problem.nbytes[u] for u in newly - added) - sum(problem.nbytes[x] for x in added if self.is_saved(x))
+        return _Addition(frozenset(added), bytes_delta, sum(problem.recompute_cost[x] for x in added))
 
-    def do_add(added):
-        recomputed.update(added)
-        for w in added:
-            for u in preds[w]:
-                readers[u] += 1
+    def apply_removal(self, removal: _Removal) -> None:
+        for u, count in removal.released.items():
+            self.readers[u] -= count
+        self.recomputed.difference_update(removal.removed)
+        self.saved_bytes += removal.bytes_delta
+        self.flops += removal.flops_delta
 
-    def undo_add(added):
-        recomputed.difference_update(added)
-        for w in added:
-            for u in preds[w]:
-                readers[u] -= 1
+    def undo_removal(self, removal: _Removal) -> None:
+        for u, count in removal.released.items():
+            self.readers[u] += count
+        self.recomputed.update(removal.removed)
+        self.saved_bytes -= removal.bytes_delta
+        self.flops -= removal.flops_delta
 
-    def apply_remove(removed, dec):
-        for u, d in dec.items():
-            readers[u] -= d
-        recomputed.difference_update(removed)
+    def apply_addition(self, addition: _Addition) -> None:
+        self.recomputed.update(addition.added)
+        for w in addition.added:
+            for u in self.inputs[w]:
+                self.readers[u] += 1
+        self.saved_bytes += addition.bytes_delta
+        self.flops += addition.flops_delta
 
-    def undo_remove(removed, dec):
-        for u, d in dec.items():
-            readers[u] += d
-        recomputed.update(removed)
+    def undo_addition(self, addition: _Addition) -> None:
+        self.recomputed.difference_update(addition.added)
+        for w in addition.added:
+            for u in self.inputs[w]:
+                self.readers[u] -= 1
+        self.saved_bytes -= addition.bytes_delta
+        self.flops -= addition.flops_delta
 
-    for _ in range(rounds):
-        best = None
-        order = sorted((v for v in recomputed if cost[v]), key=lambda v: (-cost[v], v))[:width]
-        for v in order:
-            plan = plan_remove(v)
-            if plan is None:
-                continue
-            removed, dec, db, df = plan
-            if total_bytes + db <= max_bytes:
-                cand = (flops + df, total_bytes + db, v, ())
-            else:
-                apply_remove(removed, dec)
-                cand = None
-                added, ws, tb, tf = [], [], total_bytes + db, flops + df
-                for _ in range(depth):
-                    options = []
-                    for w in free:
-                        if w in recomputed or w in removed or not saved(w) or tf + cost[w] >= flops:
-                            continue
-                        for deep in range(deeps):
-                            d = add_plan(w, deep)
-                            if d is None or d[1] >= 0 or tf + d[2] >= flops:
-                                continue
-                            options.append(((d[1], d[2], d[0]), (w, deep)))
-                    fits = [(tf + d[1], tb + d[0], w) for d, w in options if tb + d[0] <= max_bytes]
-                    if fits:
-                        f, bb, w = min(fits)
-                        c = (f, bb, v, tuple(ws) + (w,))
-                        if cand is None or c < cand:
-                            cand = c
-                    if not options:
-                        break
-                    d, w = min(options, key=lambda o: (o[0][1] / -o[0][0], o[1]))
-                    added.append(d[2])
-                    ws.append(w)
-                    do_add(d[2])
-                    tb += d[0]
-                    tf += d[1]
-                for w in reversed(added):
-                    undo_add(w)
-                undo_remove(removed, dec)
-            if cand and cand[0] < flops and (best is None or cand < best):
-                best = cand
-        if best is None:
+    def commit(self, move: _Move) -> None:
+        self.apply_removal(self.removal(move.value))
+        for w, deep in move.additions:
+            self.apply_addition(self.addition(w, deep))
+
+    def cut(self) -> Cut:
+        return Cut(tuple(sorted(saved_of(self.problem, self.recomputed))), tuple(sorted(self.recomputed)))
+
+
+def _best_move(search: _Search, max_bytes: int, *, width: int, depth: int, deeps: int) -> _Move | None:
+    """The move with the fewest FLOPs (then bytes) that fits and lowers the FLOPs."""
+    best = None
+    for v in search.costliest_recomputed(width):
+        removal = search.removal(v)
+        if removal is None:
+            continue
+        if search.saved_bytes + removal.bytes_delta <= max_bytes:
+            move = _Move(search.flops + removal.flops_delta, search.saved_bytes + removal.bytes_delta, v, ())
+        else:
+            move = _best_swap(search, v, removal, max_bytes, depth=depth, deeps=deeps)
+        if move is not None and move.flops < search.flops and (best is None or move < best):
+            best = move
+    return best
+
+
+def _best_swap(search: _Search, v: int, removal: _Removal, max_bytes: int, *, depth: int, deeps: int) -> _Move | None:
+    """Saving ``v`` overshoots the budget: recompute up to ``depth`` saved values instead,
+    greedily (fewest FLOPs per byte freed first); the best prefix that fits, or None.
+    ``search`` is left as it was found."""
+    ceiling = search.flops  # a swap must end below the FLOPs of the plan before the move
+    search.apply_removal(removal)
+    best, chosen, applied = None, [], []
+    for _ in range(depth):
+        options = _additions(search, removal.removed, ceiling, deeps)
+        fits = [
+            (search.flops + a.flops_delta, search.saved_bytes + a.bytes_delta, key)
+            for a, key in options if search.saved_bytes + a.bytes_delta <= max_bytes
+        ]
+        if fits:
+            flops, saved_bytes, key = min(fits)
+            move = _Move(flops, saved_bytes, v, tuple(chosen) + (key,))
+            if best is None or move < best:
+                best = move
+        if not options:
             break
-        _, _, v, additions = best
-        removed, dec, db, df = plan_remove(v)
-        apply_remove(removed, dec)
-        total_bytes += db
-        flops += df
-        for w, deep in additions:
-            added, db, df = add_plan(w, deep)
-            do_add(added)
-            total_bytes += db
-            flops += df
-    return Cut(tuple(sorted(saved_of(problem, recomputed))), tuple(sorted(recomputed)))
+        addition, key = min(options, key=lambda o: (o[0].flops_delta / -o[0].bytes_delta, o[1]))
+        chosen.append(key)
+        applied.append(addition)
+        search.apply_addition(addition)
+    for addition in reversed(applied):
+        search.undo_addition(addition)
+    search.undo_removal(removal)
+    return best
+
+
+def _additions(search: _Search, removed: frozenset[int], ceiling: int, deeps: int) -> list[tuple[_Addition, tuple[int, int]]]:
+    """Each saved value that can be recomputed (with 0 to ``deeps - 1`` levels of inputs)
+    so that bytes go down and FLOPs stay under ``ceiling``, keyed ``(value, levels)``."""
+    cost = search.problem.recompute_cost
+    options = []
+    for w in search.free:
+        if w in search.recomputed or w in removed or not search.is_saved(w) or search.flops + cost[w] >= ceiling:
+            continue
+        for deep in range(deeps):
+            addition = search.addition(w, deep)
+            if addition is None or addition.bytes_delta >= 0 or search.flops + addition.flops_delta >= ceiling:
+                continue
+            options.append((addition, (w, deep)))
+    return options
 
 
 def _still_needed(problem: Any, preds: dict[int, list[int]], recomputed: set[int]) -> set[int]:
@@ -292,8 +363,8 @@ def _enumerate(problem: Any, free: list[int], max_bytes: int) -> Cut:
             saved_bytes = sum(problem.nbytes[i] for i in _bits(saved))
             if saved_bytes <= max_bytes and (best is None or (flops, saved_bytes) < best[:2]):
                 best = (flops, saved_bytes, recomputed)
-    if best is None:
-        raise BudgetTooSmall(max_bytes, -1)
+    # Never None: budget_cut checked that recomputing everything allowed (one of these
+    # combinations) fits.
     recomputed_set = set(_bits(best[2]))
     return Cut(tuple(sorted(saved_of(problem, recomputed_set))), tuple(sorted(recomputed_set)))
 

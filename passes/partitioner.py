@@ -3,8 +3,8 @@
 Same contract as torch's partition functions, so it can be handed to AOTAutograd as
 ``partition_fn``. Three steps, each its own module: :mod:`.problem` turns the joint graph
 into a small cut problem, :mod:`.mincut` solves it (networkx), :mod:`.split` builds the
-forward and backward graphs from the resulting :class:`~.plan.Plan`, which is attached to
-both modules as ``module.meta["ckpt_plan"]``.
+forward and backward graphs from the resulting :class:`~.partition_result.Partition`,
+which is attached to both modules as ``module.meta["ckpt_partition"]``.
 
 What is saved at checkpoint region boundaries (the rule, and why):
 
@@ -40,7 +40,7 @@ Example::
     ...     return [y, torch.ops.aten.mul.Tensor(g, torch.ops.aten.cos.default(primals))]
     >>> gm = make_fx(joint)(torch.randn(512, 512), torch.randn(512, 512))
     >>> fw, bw = partition(gm, None, num_fwd_outputs=1)
-    >>> fw.meta["ckpt_plan"].saved, fw.meta["ckpt_plan"].recomputed
+    >>> fw.meta["ckpt_partition"].saved, fw.meta["ckpt_partition"].recomputed
     (('primals_1',), ('sin', 'relu'))
 """
 from __future__ import annotations
@@ -53,7 +53,8 @@ import torch.fx as fx
 
 from .budget import budget_cut
 from .mincut import BudgetTooSmall, InfeasibleCut, Cut, min_cut, plan_cost
-from .plan import Plan, RegionPlan
+from .partition_result import Partition, RegionPartition
+from .facts import NoRecompute, placeholder_kind
 from .problem import JointInfo, build_problem
 from .saving import rebuild_boundaries, why_saved
 from .split import split, symbol_bindings
@@ -100,7 +101,7 @@ def partition(
         joint_module, saved=plan.saved, recomputed=plan.recomputed + plan.deferred, offloaded=plan.offloaded,
         num_fwd_outputs=num_fwd_outputs,
     )
-    fw_module.meta["ckpt_plan"] = bw_module.meta["ckpt_plan"] = plan
+    fw_module.meta["ckpt_partition"] = bw_module.meta["ckpt_partition"] = plan
     return fw_module, bw_module
 
 
@@ -117,10 +118,7 @@ def _mark_static_inputs(graph: fx.Graph, static_indices: Sequence[int]) -> None:
 
 
 def _is_forward_input(node: fx.Node) -> bool:
-    # torch's _is_primal: every placeholder but tangents and RNG seeds (the BackwardState
-    # placeholder included).
-    name = str(node.target)
-    return not any(key in name for key in ("tangents", "bwd_seed", "bwd_base_offset", "fwd_seed", "fwd_base_offset"))
+    return placeholder_kind(node).forward_input
 
 
 def _decide(info: JointInfo, memory_budget: float) -> Cut:
@@ -156,7 +154,8 @@ def _conflict_message(info: JointInfo, path: list[int]) -> str:
     for i in path:
         node = info.nodes[i]
         policy = node.meta.get("recompute")
-        why = info.reasons.get(node.name) or (f"tagged {policy.name}" if policy is not None else "never saved")
+        reason = info.reasons.get(node.name)
+        why = reason.value if reason else f"tagged {policy.name}" if policy is not None else "never saved"
         rows.append(f"  {node.format_node()}  [{why}]\n    at {_source_line(node)}")
     return (
         "partition: no valid plan, the backward needs a value that can be neither saved nor "
@@ -167,7 +166,7 @@ def _conflict_message(info: JointInfo, path: list[int]) -> str:
     )
 
 
-def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float) -> Plan:
+def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float) -> Partition:
     problem, nodes = info.problem, info.nodes
     saved_nodes = [nodes[i] for i in cut.saved]
     saved_nodes += symbol_bindings(graph, saved_nodes, saved_nodes)
@@ -186,13 +185,13 @@ def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float)
             region = info.regions.get(problem.names[i])
             if region is not None:
                 regions.setdefault(region, {"saved": [], "recomputed": []})[key].append(i)
-    return Plan(
+    return Partition(
         saved=tuple(n.name for n in saved_nodes),
         recomputed=tuple(problem.names[i] for i in recomputed),
         banned=tuple(
-            (name, info.reasons[name])
+            (name, info.reasons[name].value)
             for i, name in enumerate(problem.names)
-            if name in info.reasons and info.reasons[name] != "graph input"
+            if name in info.reasons and info.reasons[name] is not NoRecompute.GRAPH_INPUT
             and (memory_budget == 1.0 or i not in problem.soft_banned)  # lifted under a budget
         ),
         offloaded=tuple(problem.names[i] for i in cut.saved if problem.names[i] in info.offload),
@@ -201,7 +200,7 @@ def _make_plan(info: JointInfo, cut: Cut, graph: fx.Graph, memory_budget: float)
         recompute_flops=flops,
         memory_budget=memory_budget,
         regions={
-            region: RegionPlan(
+            region: RegionPartition(
                 saved=tuple(problem.names[i] for i in r["saved"]),
                 recomputed=tuple(problem.names[i] for i in r["recomputed"]),
                 saved_bytes=sum(problem.nbytes[i] for i in r["saved"]),

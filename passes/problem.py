@@ -28,26 +28,16 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils.checkpoint import CheckpointPolicy
 from torch.utils.flop_counter import flop_registry
 
+from .facts import (
+    EXPENSIVE, NoRecompute, TagReason, is_graph_input, mutates, placeholder_kind, random_recompute_differs,
+    size_hint, tensors_of, value_nbytes,
+)
+
 aten = torch.ops.aten
 
-# Compute-bound ops: outside a checkpoint region recomputing them is never worth the bytes
-# it saves at memory_budget=1 (the same judgement torch's partitioner makes).
-_EXPENSIVE = frozenset(
-    [
-        aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.addbmm, aten._scaled_mm,
-        aten.convolution, aten._convolution, aten.cudnn_convolution,
-        aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_efficient_attention,
-        aten._scaled_dot_product_cudnn_attention, aten._scaled_dot_product_flash_attention_for_cpu,
-        aten._flash_attention_forward, aten._efficient_attention_forward,
-    ]
-)
-# Attention kernels carry a dropout_p argument and the random-op tag, but draw no random
-# numbers when dropout_p is 0 (on CPU every SDPA call is tagged random, see NOTES).
-_ATTENTION = frozenset(p for p in _EXPENSIVE if "attention" in p.__name__)
 # The CPU flash kernel has no flop formula of its own; its leading (q, k, v) arguments
 # match the CUDA flash kernel's, so that formula applies.
 _FLOP_ALIAS = {
@@ -91,29 +81,9 @@ class JointInfo:
     nodes: tuple[fx.Node, ...]  # problem index -> joint node
     forward: frozenset[fx.Node]  # computed by the forward no matter what (feeds its outputs)
     backward: frozenset[fx.Node]  # depend on tangents (or must run in the backward)
-    reasons: dict[str, str]  # node name -> why it may not be recomputed
+    reasons: dict[str, NoRecompute]  # node name -> why it may not be recomputed
     offload: frozenset[str]  # *_CPU_OFFLOAD values
     regions: dict[str, int]  # node name -> ac_graph_id
-
-
-def _hint(x: Any) -> int:
-    """A concrete int for a size: symbolic sizes (sympy) are weighted through size hints."""
-    if isinstance(x, torch.SymInt):
-        return int(optimization_hint(x, fallback=8192))
-    return int(x)
-
-
-def _tensors(val: Any) -> list[torch.Tensor]:
-    if isinstance(val, torch.Tensor):
-        return [val]
-    if isinstance(val, (list, tuple)):
-        return [t for v in val for t in _tensors(v)]
-    return []
-
-
-def value_nbytes(val: Any) -> int:
-    """Bytes of the tensor(s) in a ``meta["val"]``, with size hints for symbolic sizes."""
-    return sum(math.prod(_hint(s) for s in t.shape) * t.element_size() for t in _tensors(val))
 
 
 def _packet(node: fx.Node) -> Any:
@@ -122,31 +92,6 @@ def _packet(node: fx.Node) -> Any:
 
 def _is_view(node: fx.Node) -> bool:
     return bool(getattr(node.target, "is_view", False))
-
-
-def draws_random(node: fx.Node) -> bool:
-    """Whether ``node`` draws random numbers: tagged ``nondeterministic_seeded``, except an
-    attention kernel called with ``dropout_p == 0`` (SDPA carries the tag regardless)."""
-    tags = getattr(node.target, "tags", ())
-    if torch.Tag.nondeterministic_seeded not in tags:
-        return False
-    if _packet(node) in _ATTENTION:
-        return _argument(node, "dropout_p", 0.0) != 0.0
-    return True
-
-
-def _argument(node: fx.Node, name: str, default: Any) -> Any:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    for position, argument in enumerate(node.target._schema.arguments):
-        if argument.name == name:
-            return node.args[position] if position < len(node.args) else default
-    return default
-
-
-def _is_mutation(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return bool(schema is not None and schema.is_mutable)
 
 
 def node_flops(node: fx.Node) -> int:
@@ -159,44 +104,32 @@ def node_flops(node: fx.Node) -> int:
     if formula is not None:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
         try:
-            return _hint(formula(*args, out_val=node.meta.get("val"), **kwargs))
+            return size_hint(formula(*args, out_val=node.meta.get("val"), **kwargs))
         except Exception:  # a formula that cannot read these shapes: fall back to numel
             pass
-    return sum(math.prod(_hint(s) for s in t.shape) for t in _tensors(node.meta.get("val")))
+    return sum(math.prod(size_hint(s) for s in t.shape) for t in tensors_of(node.meta.get("val")))
 
 
-def _is_input(node: fx.Node) -> bool:
-    return node.op in ("placeholder", "get_attr")
-
-
-def _is_backward_input(node: fx.Node) -> bool:
-    name = str(node.target)
-    return node.op == "placeholder" and (
-        name.startswith("tangents") or name.startswith("bwd_seed") or name.startswith("bwd_base")
-        or type(node.meta.get("val")).__name__ == "BackwardState"
-    )
-
-
-def _classify(node: fx.Node, in_region: bool) -> tuple[str | None, bool]:
+def _classify(node: fx.Node, in_region: bool) -> tuple[NoRecompute | None, bool]:
     """(reason it may never be recomputed or None, whether the ban lifts below budget 1)."""
     policy = node.meta.get("recompute")
-    if _is_input(node):
-        return "graph input", False
-    if node.meta.get("partitioner_tag") == "must_be_in_forward" or _is_mutation(node):
-        return "mutates its input", False
+    if is_graph_input(node):
+        return NoRecompute.GRAPH_INPUT, False
+    if node.meta.get("partitioner_tag") == "must_be_in_forward" or mutates(node):
+        return NoRecompute.MUTATION, False
     if policy in (CheckpointPolicy.MUST_SAVE, *_OFFLOAD):
-        return f"tagged {policy.name}", False
-    if draws_random(node) and not node.meta.get("ckpt_rng_exact", False):
+        return NoRecompute.tagged(policy), False
+    if random_recompute_differs(node):
         # Random ops are not recomputed unless the tagging pass made their recompute exact.
-        return "random op without exact recompute", False
+        return NoRecompute.RANDOM, False
     val = node.meta.get("val")
     if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return "symbolic size (saved as a SymInt)", False
-    if not _tensors(val) and not isinstance(val, (list, tuple)):
-        return "not a tensor", False
-    if _packet(node) in _EXPENSIVE and not in_region:
+        return NoRecompute.SYMBOLIC, False
+    if not tensors_of(val) and not isinstance(val, (list, tuple)):
+        return NoRecompute.NOT_A_TENSOR, False
+    if _packet(node) in EXPENSIVE and not in_region:
         # Expensive ops are not recomputed outside checkpoint regions (at memory_budget=1).
-        return "expensive op outside a checkpoint region", True
+        return NoRecompute.EXPENSIVE, True
     return None, False
 
 
@@ -230,7 +163,7 @@ def _save_weight(node: fx.Node, nbytes: int, never_saved: set[fx.Node]) -> int |
     policy = node.meta.get("recompute")
     if node in never_saved:
         return None  # an input mutated after the forward returns (replayed_input_mutations)
-    if _is_input(node) or isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool)):
+    if is_graph_input(node) or isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return 0  # parameters, graph inputs and SymInts cost nothing to save
     if policy == CheckpointPolicy.MUST_RECOMPUTE:
         return None  # MUST_RECOMPUTE: never saved
@@ -238,7 +171,7 @@ def _save_weight(node: fx.Node, nbytes: int, never_saved: set[fx.Node]) -> int |
         # A value the user's policy keeps wins a tie against an untagged value of the same
         # size (the backward can rebuild the other from it, and boundaries too: see
         # .saving), rather than both being an arbitrary pick of the solver.
-        by_policy = node.meta.get("ckpt_tag_reason") not in ("boundary", "random")
+        by_policy = node.meta.get("ckpt_tag_reason") not in (TagReason.BOUNDARY, TagReason.RANDOM)
         return nbytes * 4 - (1 if by_policy and nbytes else 0)
     if _is_view(node) or isinstance(node.meta.get("val"), (list, tuple)):
         return None  # views are never worth saving on their own (save the base); nor tuples
@@ -258,9 +191,9 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
         if node.op == "output":
             continue
         if (
-            _is_backward_input(node)
+            (node.op == "placeholder" and placeholder_kind(node).backward_input)
             or node.meta.get("partitioner_tag") == "must_be_in_backward"
-            or (node.meta.get("partitioner_tag") == "is_backward" and _is_mutation(node))
+            or (node.meta.get("partitioner_tag") == "is_backward" and mutates(node))
             or any(a in backward for a in node.all_input_nodes)
         ):
             backward.add(node)
@@ -278,7 +211,7 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
     must_save, soft_banned, reasons, offload, regions = set(), set(), {}, set(), {}
     for i, node in enumerate(nodes):
         edges.extend((index[a], i) for a in node.all_input_nodes if a in index)
-        size = 0 if _is_input(node) else value_nbytes(node.meta.get("val"))
+        size = 0 if is_graph_input(node) else value_nbytes(node.meta.get("val"))
         nbytes.append(size)
         weights.append(_save_weight(node, size, never_saved))
         # Unclaimed values (not needed by the forward outputs) run once either way: free.
@@ -291,7 +224,7 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
             # A region's outputs that feed the next region stay computed by the forward (as
             # eager checkpoint keeps them): that region is recomputed from them, not from the
             # start of the model.
-            reason, soft = "output of a checkpoint region", True
+            reason, soft = NoRecompute.BOUNDARY, True
         if reason is not None:
             reasons[node.name] = reason
             (soft_banned if soft else must_save).add(i)

@@ -46,8 +46,8 @@ What this pass adds on top, so that compiled checkpointing behaves like eager (i
   from a selective policy means save / recompute, as in PyTorch); ``*_CPU_OFFLOAD`` is kept
   as is: the partitioner saves such a value and moves it to CPU.
 
-Every node this pass changes records why in ``node.meta["ckpt_tag_reason"]``
-(``"boundary"``, ``"random"``, ``"random_exact"``, ``"annotation"``).
+Every node this pass changes records why in ``node.meta["ckpt_tag_reason"]``, a
+:class:`~.facts.TagReason` (``"boundary"``, ``"random"``, ``"random_exact"``, ``"annotation"``).
 
 >>> import torch
 >>> from torch.utils.checkpoint import CheckpointPolicy
@@ -62,7 +62,7 @@ Every node this pass changes records why in ``node.meta["ckpt_tag_reason"]``
 ...         n.meta.update(recompute=CheckpointPolicy.PREFER_RECOMPUTE, ac_graph_id=region)
 >>> gm = tag_recompute(torch.fx.GraphModule(torch.nn.Module(), g))
 >>> a.meta["recompute"], a.meta["ckpt_tag_reason"]
-(<CheckpointPolicy.MUST_SAVE: 0>, 'boundary')
+(<CheckpointPolicy.MUST_SAVE: 0>, <TagReason.BOUNDARY: 'boundary'>)
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .problem import draws_random
+from .facts import TagReason, as_policy, draws_random
 
 __all__ = ["tag_recompute"]
 
@@ -121,11 +121,10 @@ def _normalise_policies(forward: list[fx.Node]) -> None:
 
 
 def _as_policy(value: object, node: fx.Node) -> CheckpointPolicy:
-    if isinstance(value, CheckpointPolicy):
-        return value
-    if isinstance(value, bool):
-        # PyTorch's convention for boolean selective policies: True means save.
-        return CheckpointPolicy.MUST_SAVE if value else CheckpointPolicy.PREFER_RECOMPUTE
+    policy = as_policy(value)  # a member, or a bool (True means save)
+    if policy is not None:
+        return policy
+    # An annotation's policy name, or another CheckpointPolicy-like enum's member.
     name = value if isinstance(value, str) else getattr(value, "name", None)
     if isinstance(name, str) and name in CheckpointPolicy.__members__:
         return CheckpointPolicy[name]
@@ -152,7 +151,7 @@ def _regions_from_annotations(forward: list[fx.Node]) -> None:
             next_id += 1
         node.meta["ac_graph_id"] = ids[key]
         node.meta["recompute"] = _as_policy(custom.get(POLICY_KEY, "PREFER_RECOMPUTE"), node)
-        node.meta["ckpt_tag_reason"] = "annotation"
+        node.meta["ckpt_tag_reason"] = TagReason.ANNOTATION
 
 
 def _is_random(node: fx.Node) -> bool:
@@ -173,7 +172,7 @@ def _keep_random_exact(forward: list[fx.Node]) -> None:
             continue
         if _is_seeded_random(node):
             node.meta["ckpt_rng_exact"] = True
-            node.meta["ckpt_tag_reason"] = "random_exact"
+            node.meta["ckpt_tag_reason"] = TagReason.RANDOM_EXACT
             continue
         inputs = node.all_input_nodes
         derived = bool(inputs) and all(i in random_derived for i in inputs)
@@ -182,7 +181,7 @@ def _keep_random_exact(forward: list[fx.Node]) -> None:
             # with preserve_rng_state=True: recomputing would draw new numbers.
             random_derived.add(node)
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
-            node.meta["ckpt_tag_reason"] = "random"
+            node.meta["ckpt_tag_reason"] = TagReason.RANDOM
 
 
 def _save_region_boundaries(forward: list[fx.Node]) -> None:
@@ -204,5 +203,5 @@ def _save_region_boundaries(forward: list[fx.Node]) -> None:
             other_region = "recompute" in user.meta and user.meta.get("ac_graph_id") != region
             if other_region or user in feeds_region:
                 node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
-                node.meta["ckpt_tag_reason"] = "boundary"
+                node.meta["ckpt_tag_reason"] = TagReason.BOUNDARY
                 break

@@ -27,11 +27,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from .facts import EXPENSIVE, NoRecompute, TagReason, is_graph_input, mutates, random_recompute_differs
 from .mincut import Cut
-from .problem import _EXPENSIVE, JointInfo, Problem, draws_random
+from .problem import JointInfo, Problem
 
 __all__ = ["WHY", "rebuild_boundaries", "why_saved"]
 
@@ -49,12 +49,11 @@ _POLICY_SAVE = (
     CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE,
     CheckpointPolicy.MUST_CPU_OFFLOAD, CheckpointPolicy.PREFER_CPU_OFFLOAD,
 )
-BOUNDARY_REASON = "output of a checkpoint region"
 
 
 def is_boundary(info: JointInfo, i: int) -> bool:
     node = info.nodes[i]
-    return node.meta.get("ckpt_tag_reason") == "boundary" or info.reasons.get(node.name) == BOUNDARY_REASON
+    return node.meta.get("ckpt_tag_reason") is TagReason.BOUNDARY or info.reasons.get(node.name) is NoRecompute.BOUNDARY
 
 
 def rebuild_boundaries(info: JointInfo, cut: Cut) -> Cut:
@@ -71,14 +70,14 @@ def rebuild_boundaries(info: JointInfo, cut: Cut) -> Cut:
         return (
             node.op == "call_function"
             and (i not in forced or i in boundaries)
-            and getattr(node.target, "overloadpacket", None) not in _EXPENSIVE
-            and not (draws_random(node) and not node.meta.get("ckpt_rng_exact", False))
-            and not _mutates(node)
+            and getattr(node.target, "overloadpacket", None) not in EXPENSIVE
+            and not random_recompute_differs(node)
+            and not mutates(node)
             and node.meta.get("partitioner_tag") != "must_be_in_forward"
             and isinstance(node.meta.get("val"), torch.Tensor)
         )
 
-    sources = frozenset(i for i, n in enumerate(info.nodes) if n.op in ("placeholder", "get_attr"))
+    sources = frozenset(i for i, n in enumerate(info.nodes) if is_graph_input(n))
     return _rebuild(problem, cut, boundaries, cheap, sources)
 
 
@@ -112,21 +111,15 @@ def _recompute_closure(i: int, inputs: dict[int, list[int]], kept: set[int], rec
         stack.extend(inputs.get(k, ()))
 
 
-def _mutates(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return bool(schema is not None and schema.is_mutable)
-
-
 def why_saved(info: JointInfo, cut: Cut, memory_budget: float) -> dict[int, str]:
     """Problem index -> one key of :data:`WHY`, for every value in ``cut.saved``."""
     problem, out = info.problem, {}
     for i in cut.saved:
         node = info.nodes[i]
         tag_reason = node.meta.get("ckpt_tag_reason")
-        reason = info.reasons.get(node.name)
         if is_boundary(info, i):
             why = "boundary"
-        elif tag_reason == "random" or (reason or "").startswith("random"):
+        elif tag_reason is TagReason.RANDOM or info.reasons.get(node.name) is NoRecompute.RANDOM:
             why = "random"
         elif node.meta.get("recompute") in _POLICY_SAVE:
             why = "policy"

@@ -26,16 +26,19 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import find_symbol_binding_fx_nodes, free_symbols
 
+from .facts import PlaceholderKind, placeholder_kind
+
 _SYM = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
 def _is_backward_placeholder(node: fx.Node) -> bool:
-    name = str(node.target)
-    return "tangents" in name or "bwd_seed" in name or "bwd_base_offset" in name
+    # Tangents and backward RNG seeds: backward inputs only (the BackwardState is an
+    # input of both graphs).
+    return placeholder_kind(node) in (PlaceholderKind.TANGENT, PlaceholderKind.BACKWARD_SEED)
 
 
 def _is_backward_state(node: fx.Node) -> bool:
-    return node.op == "placeholder" and type(node.meta.get("val")).__name__ == "BackwardState"
+    return placeholder_kind(node) is PlaceholderKind.BACKWARD_STATE
 
 
 def is_sym(node: fx.Node) -> bool:

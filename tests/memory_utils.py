@@ -134,3 +134,19 @@ def measured(model: nn.Module, x: torch.Tensor, optimizer) -> cc.StepMemory:
 
     step()
     return _measure_cpu(step)
+
+
+def fsdp2_peak(rank: int, world_size: int, out_dir: str, name: str = "gpt", wrap: str = "none") -> dict:
+    """A dist_utils scenario: one rank's measured step peak under ``fully_shard`` of each
+    block and the root (AdamW), and the estimate for the same model and world size."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, x = build(name, wrap)
+    estimate = cc.estimate_memory(model, x, optimizer=torch.optim.AdamW, world_size=world_size)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    real = measured(model, x, torch.optim.AdamW)
+    return {"measured": real.peak_bytes, "estimate": estimate.peak_bytes,
+            "measured_breakdown": real.breakdown, "estimate_breakdown": estimate.breakdown,
+            "measured_phase": real.peak_phase, "estimate_phase": estimate.peak_phase}

@@ -5,7 +5,7 @@ inputs not counted, see ``compile_corpus.retained_after_forward``), on corpus mo
 Tolerance: none (equal bytes) on our corpus models, for the planner (eager, after
 ``plan.apply``) and for the backend (``inner="eager"``: the partitioned graphs run as they
 are, so each saved value is its own tensor; inductor may fold a saved view and its base
-into one buffer, which the report counts twice, NOTES). Hugging Face models: 2%. Under
+into one buffer, which the report counts twice). Hugging Face models: 2%. Under
 fake tensors Hugging Face builds a 4D causal mask (batch x 1 x seq x seq floats) for each
 layer's attention, which the real forward skips (SDPA's ``is_causal``); the planner counts
 those masks, so it over-predicts by that much (16 KiB of 1 MiB on the GPT-2 here).

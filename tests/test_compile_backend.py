@@ -436,7 +436,7 @@ def test_inductor_dynamic_shapes_one_compile():
 
 
 def test_memory_budget_is_a_fraction_of_the_no_checkpoint_bytes():
-    # API.md: with checkpoint regions the budget still counts against the bytes the model
+    # docs/api.md: with checkpoint regions the budget still counts against the bytes the model
     # would save with no checkpointing at all.
     plain, per_block = compiled("mlp", "none"), compiled("mlp", "ours")
     _step(plain.model, plain.fn, _inputs())

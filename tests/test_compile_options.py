@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
 import re
 import subprocess
 import sys
@@ -473,3 +474,38 @@ def test_bad_determinism_check_under_compile_is_the_eager_error():
     with pytest.raises(Exception, match=r"determinism_check should be one of \['default', 'none'\], but got 'strict'"):
         torch.compile(fn, backend="ckpt", options={"inner": "eager"})(x)
     torch._dynamo.reset()
+
+
+def test_cache_key_covers_every_module_that_can_change_a_graph_and_the_version(tmp_path, monkeypatch):
+    # Issue 21: the key hashed only passes/ and compile/, so an edit to policies.py or to
+    # the engine's tracing branch could reuse a stale compiled graph.
+    import ckpt_compile
+    import ckpt_compile.passes as passes_pkg
+
+    sources = _backend._graph_sources()
+    root = pathlib.Path(ckpt_compile.__file__).parent.resolve()
+    names = {p.relative_to(root).as_posix() for p in sources if p.is_relative_to(root)}
+    assert {"policies.py", "eager/_selective.py", "eager/_named_values.py", "modules/composable.py",
+            "modules/wrappers.py", "diagnostics/_graph_stats.py", "compile/_backend.py"} <= names
+    passes_root = pathlib.Path(passes_pkg.__file__).parent.resolve()
+    assert {p.name for p in sources if p.is_relative_to(passes_root)} >= {"facts.py", "partitioner.py", "budget.py"}
+    # Changing any one file's bytes (a copy of the tree), or the version, changes the key.
+    copies = []
+    for k, path in enumerate(sources):
+        copy = tmp_path / f"{k}_{path.name}"
+        copy.write_bytes(path.read_bytes())
+        copies.append(copy)
+    key = _backend._hash_sources(copies, "0.1.0")
+    assert _backend._hash_sources(copies, "0.1.1") != key
+    keys = {key}
+    for copy in copies:
+        original = copy.read_bytes()
+        copy.write_bytes(original + b"\n")
+        keys.add(_backend._hash_sources(copies, "0.1.0"))
+        copy.write_bytes(original)
+    assert len(keys) == len(copies) + 1
+    assert _backend._hash_sources(copies, "0.1.0") == key
+    # And the partitioner's uuid carries it.
+    uuid_now = _backend._CkptPartitioner(BackendOptions(), "").uuid()
+    monkeypatch.setattr(_backend, "_source_hash", lambda: b"other sources")
+    assert _backend._CkptPartitioner(BackendOptions(), "").uuid() != uuid_now

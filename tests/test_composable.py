@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import gc
+import warnings
 
 import pytest
 import torch
@@ -379,3 +380,158 @@ def test_recursive_module_call_closes_regions_in_order():
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
     assert checkpoint.state(ours).open_regions == []
+
+
+# --- issue 17: a KeyboardInterrupt mid-forward, then the very next step ---------------------
+
+
+class Stack(nn.Module):
+    """A layer in front of two checkpointed blocks: it runs before any block's pre-hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(16, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)) for _ in range(2))
+        self.interrupt_at: int | None = None
+
+    def forward(self, x):
+        x = torch.tanh(self.pre(x))
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+        return torch.sigmoid(x).sum()
+
+
+def _interrupt_in_second_linear(module, args):
+    raise KeyboardInterrupt  # inside block 1's forward, after part of it saved its tensors
+
+
+def _stack_step(net: Stack, seed: int):
+    torch.manual_seed(seed)
+    x = torch.randn(4, 16, requires_grad=True)
+    net.zero_grad(set_to_none=True)
+    net(x).backward()
+    return [x.grad] + [p.grad for p in net.parameters()]
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() wakes deprecated torch.distributed aliases
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("apply", [checkpoint, torch_checkpoint], ids=["ours", "torch"])
+def test_next_step_after_keyboard_interrupt_is_a_clean_step(apply):
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    torch.manual_seed(0)
+    clean, net = Stack(), Stack()
+    net.load_state_dict(clean.state_dict())
+    for block in net.blocks:
+        apply(block)
+    _stack_step(net, 0), _stack_step(clean, 0)  # warm: the counts below compare steady states
+    before = _live_tensors()
+    seen = []
+    watch = net.blocks[1][0].register_forward_hook(lambda m, a, out: seen.append(StorageWeakRef(out.untyped_storage())))
+    stop = net.blocks[1][2].register_forward_pre_hook(_interrupt_in_second_linear)
+    with pytest.raises(KeyboardInterrupt):
+        _stack_step(net, 1)
+    stop.remove()
+    watch.remove()
+    if apply is torch_checkpoint:
+        # torch: `pre` of the next step saves into the interrupted region (the issue).
+        with pytest.raises(torch.utils.checkpoint.CheckpointError):
+            _stack_step(net, 2)
+        return
+    # ours: the very next step has a clean step's gradients, bit for bit ...
+    for got, expected in zip(_stack_step(net, 2), _stack_step(clean, 2)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # ... the interrupted region is closed and what it held is gone ...
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert all(checkpoint.state(block).open_regions == [] for block in net.blocks)
+    assert len(seen) == 1 and seen[0].expired()
+    assert _live_tensors() == before
+    # ... and so it stays.
+    for got, expected in zip(_stack_step(net, 3), _stack_step(clean, 3)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_forward_only_step_after_keyboard_interrupt_frees_what_it_saved():
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    net = Stack()
+    for block in net.blocks:
+        checkpoint(block)
+    stop = net.blocks[1][2].register_forward_pre_hook(_interrupt_in_second_linear)
+    with pytest.raises(KeyboardInterrupt):
+        _stack_step(net, 1)
+    stop.remove()
+    # `pre` saves its tanh output while the interrupted region is still on the stack; with
+    # no backward, dropping the loss must free it (no reference cycle through the graph).
+    seen = []
+    watch = net.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(StorageWeakRef(args[0].untyped_storage())))
+    loss = net(torch.randn(4, 16, requires_grad=True))
+    watch.remove()
+    del loss
+    gc.collect()
+    assert len(seen) == 1 and seen[0].expired()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import ckpt_compile.modules.composable as composable
+
+    result = doctest.testmod(composable, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+# --- which call owns a region: the pre-hook's token (issue 21) ------------------------------
+
+
+def test_a_call_whose_earlier_pre_hook_raised_leaves_the_enclosing_region_alone():
+    class Retry(nn.Module):
+        """Calls itself once; that inner call fails in a pre-hook and is caught."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, inner=False):
+            h = torch.tanh(self.lin(x))
+            if not inner:
+                try:
+                    self(h, inner=True)
+                except ValueError:
+                    pass
+            return torch.sigmoid(self.lin(h))
+
+    def refuse_inner(module, args, kwargs):
+        if kwargs.get("inner"):
+            raise ValueError("not now")
+
+    plain, ours = Retry(), Retry()
+    ours.load_state_dict(plain.state_dict())
+    checkpoint(ours)
+    # prepend: runs before checkpoint's pre-hook, so the inner call opens no region, but
+    # its forward hook (always_call) still runs: it must not close the outer call's region.
+    ours.register_forward_pre_hook(refuse_inner, with_kwargs=True, prepend=True)
+    x = torch.randn(3, 4, requires_grad=True)
+    expected = torch.autograd.grad(plain(x).sum(), [x, plain.lin.weight])
+    saved = cc.saved_tensor_bytes(lambda: ours(x))
+    got = torch.autograd.grad(ours(x).sum(), [x, ours.lin.weight])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert saved == cc.saved_tensor_bytes(lambda: cc.checkpoint(plain, x, use_reentrant=False))
+    assert checkpoint.state(ours).open_regions == []
+
+
+def test_a_later_pre_hook_that_replaces_kwargs_is_reported_and_the_step_stays_correct():
+    plain, ours = make_net(), make_net()
+    checkpoint(ours.inner)
+    ours.inner.register_forward_pre_hook(lambda m, args, kwargs: (args, dict(kwargs)), with_kwargs=True)
+    with pytest.warns(UserWarning, match="returned new keyword arguments, so this forward was not checkpointed"):
+        result = run(ours)
+    assert_equal_runs(result, run(plain))
+    assert ours.inner.calls == 1  # saved as usual: nothing to recompute
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None

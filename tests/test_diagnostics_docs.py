@@ -1,4 +1,4 @@
-"""The public diagnostics helpers (API.md "Diagnostics helpers") carry runnable examples that
+"""The public diagnostics helpers (docs/api.md, "Diagnostics") carry runnable examples that
 stay true, and are reachable from ``ckpt_compile`` itself."""
 import doctest
 

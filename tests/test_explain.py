@@ -220,3 +220,43 @@ def test_no_backward_is_a_clear_error():
 def test_not_callable_is_a_type_error():
     with pytest.raises(TypeError, match="expected an nn.Module or a function, got int"):
         cc.explain(3, torch.randn(4))
+
+
+# ---------------------------------------------------------------- report=path: append or replace
+
+def _compile_into(path, **options):
+    torch._dynamo.reset()  # every call compiles (Dynamo would reuse the code of the same lambda)
+    w = torch.ones(64, 64, requires_grad=True)
+    fn = torch.compile(lambda x: (x @ w).relu().sum(), backend="ckpt",
+                       options={"inner": "eager", "report": str(path), **options}, fullgraph=True)
+    fn(torch.ones(64, 64))
+    return json.loads(path.read_text())
+
+
+def test_report_path_appends_to_its_own_report_and_replaces_one_of_other_options(tmp_path):
+    # The rule in backend()'s docstring: a report of the same options gains the new graphs
+    # (a second compile, a second run); a report of other options is replaced.
+    path = tmp_path / "r.json"
+    first = _compile_into(path)
+    assert len(first["graphs"]) == 1
+    second = _compile_into(path)
+    assert second["graphs"] == first["graphs"] * 2
+    other = _compile_into(path, memory_budget=0.5)
+    assert other["options"] == {"memory_budget": 0.5, "inner": "eager"} and len(other["graphs"]) == 1
+
+
+def test_report_path_never_overwrites_a_file_it_did_not_write(tmp_path):
+    path = tmp_path / "notes.json"
+    path.write_text('{"mine": true}\n')
+    with pytest.raises(Exception, match="names an existing file that is not a report this backend wrote"):
+        _compile_into(path)
+    assert path.read_text() == '{"mine": true}\n'
+
+
+def test_explain_report_path_replaces_the_file(explained, tmp_path):
+    model, report = explained
+    path = tmp_path / "r.json"
+    _compile_into(path)
+    _compile_into(path)
+    assert cc.explain(model, _x(), inner="eager", report=str(path)).to_dict() == Report.read(path).to_dict()
+    assert len(Report.read(path).graphs) == len(report.graphs)

@@ -18,13 +18,16 @@ import memory_utils as U
 
 _TOLERANCE = {"conv": 0.03}
 
-# Every entry point on the two small models with AdamW; the others with the common ones;
-# SGD with momentum on a few. About 45 cases, ~1 s each.
+# Every entry point on the MLP with AdamW, most on GPT; the others with the common ones;
+# SGD with momentum on a few. About 40 cases, ~1 s each on a free machine.
 CASES = (
-    [(m, w, "adamw") for m in ("mlp", "gpt") for w in U.ALL_WRAPS]
+    [("mlp", w, "adamw") for w in U.ALL_WRAPS]
+    + [("gpt", w, "adamw") for w in ("none", "ckpt_checkpoint", "torch_checkpoint_wrapper", "selective",
+                                     "offload_wrapper", "offload_policy", "torch_composable", "plan")]
     + [(m, w, "adamw") for m in ("hf_gpt2", "hf_llama", "bert", "conv")
        for w in ("none", "ckpt_checkpoint", "torch_checkpoint", "selective", "plan")]
-    + [(m, w, "sgd") for m in ("mlp", "gpt", "hf_gpt2", "conv") for w in ("none", "checkpoint_wrapper")]
+    + [("mlp", "none", "sgd"), ("gpt", "checkpoint_wrapper", "sgd"), ("hf_gpt2", "none", "sgd"),
+       ("conv", "checkpoint_wrapper", "sgd")]
 )
 
 
@@ -104,7 +107,7 @@ def test_the_model_is_left_as_it_was_and_nothing_stays_alive():
 
     def fakes():
         gc.collect()
-        return sum(isinstance(o, FakeTensor) for o in gc.get_objects())
+        return sum(type(o) is FakeTensor for o in gc.get_objects())
 
     model, x = U.build("gpt", "ckpt_checkpoint")
     alive = fakes()
@@ -265,3 +268,48 @@ def test_estimate_matches_a_compiled_step(wrap, budget):
     est = cc.estimate_memory(compiled, x, optimizer=torch.optim.AdamW)
     real = U.measured(compiled, x, torch.optim.AdamW)
     assert abs(est.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (est, real)
+
+
+# Checkpointed blocks under FSDP2 are left out: the profiler's memory timeline itself fails
+# on that step now and then ("version mismatch" in torch/profiler/_memory_profiler.py).
+@pytest.mark.parametrize("wrap", ["none"])
+def test_world_size_estimates_one_rank_of_a_gloo_fsdp2_run(fsdp2_world, wrap):
+    # Parameters, gradients and optimizer state sharded, one block all-gathered at a time
+    # plus the backward prefetch; FSDP2's communication buffers are not modelled. The
+    # measured per-rank peak itself varies from run to run with the ranks' timing (the
+    # checkpointed step: 1.77 and 1.97 MB seen), hence the loose bound; the bound below it
+    # is what sharding must buy.
+    results = fsdp2_world.results(f"gpt-{wrap}")
+    assert len(results) == 2, fsdp2_world.error
+    for r in results:
+        assert abs(r["estimate"] - r["measured"]) <= 0.12 * r["measured"], r
+        assert r["estimate_phase"] == r["measured_phase"]
+    single = cc.estimate_memory(*U.build("gpt", wrap), optimizer=torch.optim.AdamW)
+    assert results[0]["estimate"] < single.peak_bytes
+
+
+@pytest.fixture(scope="module")
+def fsdp2_world():
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    import dist_utils
+
+    return dist_utils.run_world([dist_utils.Scenario(f"gpt-{wrap}", U.fsdp2_peak, {"name": "gpt", "wrap": wrap})
+                                 for wrap in ("none",)], timeout_s=240)
+
+
+@pytest.mark.parametrize("module", ["ckpt_compile.memory._estimate", "ckpt_compile.memory._measure",
+                                    "ckpt_compile.memory._step", "ckpt_compile.diagnostics._step_picture"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted and not result.failed
+
+
+def test_public_names():
+    for name in ("estimate_memory", "measure_memory", "StepMemory"):
+        assert name in cc.__all__ and getattr(cc, name) is getattr(cc.memory, name)

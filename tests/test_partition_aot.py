@@ -79,15 +79,15 @@ def test_gradients_equal_eager_and_saved_bytes_at_most_torch(checkpointed):
         with fake_mode:
             theirs, _ = min_cut_rematerialization_partition(copy.deepcopy(joint), joint_inputs, **kwargs)
         n = kwargs["num_fwd_outputs"]
-        assert ours.meta["ckpt_plan"].saved_bytes == saved_bytes(ours, n)
+        assert ours.meta["ckpt_partition"].saved_bytes == saved_bytes(ours, n)
         assert saved_bytes(ours, n) <= saved_bytes(theirs, n)
 
 
 def test_memory_budget_as_partition_fn():
     seen = compile_and_check(False, functools.partial(partition, memory_budget=0.5))
     joint, joint_inputs, kwargs = seen[0]
-    full = partition(copy.deepcopy(joint), joint_inputs, **kwargs)[0].meta["ckpt_plan"]
-    half = partition(copy.deepcopy(joint), joint_inputs, memory_budget=0.5, **kwargs)[0].meta["ckpt_plan"]
+    full = partition(copy.deepcopy(joint), joint_inputs, **kwargs)[0].meta["ckpt_partition"]
+    half = partition(copy.deepcopy(joint), joint_inputs, memory_budget=0.5, **kwargs)[0].meta["ckpt_partition"]
     assert half.saved_bytes <= 0.5 * full.saved_bytes
     assert half.recompute_flops > full.recompute_flops
 
@@ -97,7 +97,7 @@ def test_budget_monotone_on_a_real_joint_graph():
     previous = -1
     for budget in (0.05, 0.25, 0.5, 0.75, 1.0):
         try:
-            plan = partition(copy.deepcopy(joint), joint_inputs, memory_budget=budget, **kwargs)[0].meta["ckpt_plan"]
+            plan = partition(copy.deepcopy(joint), joint_inputs, memory_budget=budget, **kwargs)[0].meta["ckpt_partition"]
         except ValueError as e:
             assert "smallest feasible budget" in str(e)
             continue
@@ -112,4 +112,4 @@ def test_dynamic_shapes_bind_their_symbols():
     fw, bw = partition(copy.deepcopy(joint), joint_inputs, **kwargs)
     placeholders = bw.graph.find_nodes(op="placeholder")
     assert any(isinstance(p.meta.get("val"), torch.SymInt) for p in placeholders)
-    assert fw.meta["ckpt_plan"].saved_bytes > 0  # size hints stand in for the symbols
+    assert fw.meta["ckpt_partition"].saved_bytes > 0  # size hints stand in for the symbols

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["problem", "mincut", "budget", "plan", "split", "partitioner", "saving"]
+MODULES = ["facts", "problem", "mincut", "budget", "partition_result", "split", "partitioner", "saving", "recompute_tags"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -82,8 +82,8 @@ def check_numerics(gm, fw, bw, n_primals, seed=0, device="cpu"):
 
 def plan_of(gm, **kwargs):
     fw, bw = partition(gm, None, num_fwd_outputs=1, **kwargs)
-    assert fw.meta["ckpt_plan"] is bw.meta["ckpt_plan"]
-    return fw, bw, fw.meta["ckpt_plan"]
+    assert fw.meta["ckpt_partition"] is bw.meta["ckpt_partition"]
+    return fw, bw, fw.meta["ckpt_partition"]
 
 
 def test_untagged_graph_saves_matmul_output_side_and_recomputes_pointwise():
@@ -207,7 +207,7 @@ Fix: drop one of these MUST_SAVE / MUST_RECOMPUTE tags (or make the random op's 
 def test_keywords():
     gm = trace(mlp_joint, 2)
     fw, _ = partition(gm, None, num_fwd_outputs=1, static_lifetime_input_indices=[1], compiler="inductor")
-    assert fw.meta["ckpt_plan"].saved_bytes == MiB
+    assert fw.meta["ckpt_partition"].saved_bytes == MiB
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['budget'\].*memory_budget"):
         partition(gm, None, num_fwd_outputs=1, budget=0.5)
     for bad in (0, 1.5, -1, "0.5", True):

@@ -77,7 +77,7 @@ def test_marked_input_is_never_saved():
     fw, bw = partition(gm, None, num_fwd_outputs=2)
     assert "primals_2" not in saved_names(fw)
     assert "primals_2" not in [n.name for n in bw.graph.find_nodes(op="placeholder")]
-    assert fw.meta["ckpt_plan"].saved_bytes == N * N * 4  # the clone's value (b + 1), once
+    assert fw.meta["ckpt_partition"].saved_bytes == N * N * 4  # the clone's value (b + 1), once
     run_split(gm, fw, bw)
     # torch's partitioner saves the same values on this graph.
     gm = trace_mutation_joint()

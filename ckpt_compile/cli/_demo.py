@@ -211,6 +211,9 @@ def run_compiled_demo(steps: int, report_path: pathlib.Path, *, vocab: int = 256
     """
     data = _data(steps, vocab, batch, seq)
     trainees = []
+    # The backend appends to a report of the same options (a second run); this run's
+    # report is its own.
+    report_path.unlink(missing_ok=True)
     variants = _compiled_variants(compiler, report_path)
     for name, (region, compile_kwargs) in variants.items():
         torch.manual_seed(0)

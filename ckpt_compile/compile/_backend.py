@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from ckpt_compile._budget import MemoryBudget
 from ckpt_compile.compile._options import BackendOptions, BackendValueError
@@ -42,9 +42,6 @@ from ckpt_compile.compile._options import BackendOptions, BackendValueError
 __all__ = ["backend"]
 
 log = logging.getLogger("ckpt_compile")
-
-# Report paths written by this process (see _emit_report).
-_WRITTEN_PATHS: set[str] = set()
 
 # Bump when the tagging or partition contract changes in a way the source hash misses.
 _PARTITIONER_VERSION = "1"
@@ -59,6 +56,12 @@ def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, 
     default 1.0; a size such as ``"512MiB"`` or an int is bytes), ``inner`` (``"inductor"`` or ``"eager"``), ``report`` (False,
     True to log graph sizes and saved bytes on the ``"ckpt_compile"`` logger at INFO, or a
     path to write them as JSON). ``mode=`` is not supported: use ``options``.
+
+    ``report=path``: when the file already holds a report this backend wrote with the same
+    ``memory_budget`` and ``inner``, the new graphs are appended to it (a model split by
+    graph breaks, a recompile, a second run); when there is no file, or it holds a report
+    of other options, the file is replaced. Any other existing file is an error (nothing
+    is overwritten that this backend did not write). Delete the file to start afresh.
     """
     # 1. Options: validated once, here at the boundary, before any compile work (with
     #    backend_with(...) they were already checked when the user wrote them).
@@ -71,9 +74,19 @@ def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, 
         opts = BackendOptions.from_mapping(options)
     except ValueError as e:
         raise BackendValueError(str(e)) from None
+    compiled, reports = compile_graph(gm, example_inputs, opts)
+    # 5. Report what the partitioner decided (nothing when the graph has no backward).
+    if opts.report is not False and reports:
+        _emit_report(reports, opts)
+    return compiled
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions):
+    """Steps 2 to 4 of :func:`backend`: ``(compiled callable, one report per partition)``.
+    ``explain()`` calls it directly, to take the reports as objects."""
     # 2. Capture already happened in Dynamo: regions are tag_activation_checkpoint nodes or
     #    annotate() metadata. Their fingerprint goes into inductor's cache key (node.meta
-    #    is not part of it: NOTES "stale-cache trap").
+    #    is not part of it: docs/torch-notes.md, "Stale-cache trap").
     fingerprint = _annotation_fingerprint(gm)
     # 3. Partitioner: tag_recompute on the joint graph, then our min-cut.
     partitioner = _CkptPartitioner(opts, fingerprint)
@@ -83,10 +96,7 @@ def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, 
         compiled = _compile_inductor(gm, example_inputs, partitioner, opts)
     else:
         compiled = _compile_eager(gm, example_inputs, partitioner)
-    # 5. Report what the partitioner decided (nothing when the graph has no backward).
-    if opts.report is not False and partitioner.reports:
-        _emit_report(partitioner.reports, opts)
-    return compiled
+    return compiled, partitioner.reports
 
 
 def show_report(report) -> None:
@@ -106,21 +116,19 @@ class _CkptPartitioner(CustomPartitionerFn):
     """Partition function: ``tag_recompute`` then ``ckpt_compile.passes.partition``.
 
     Usable both as inductor's ``custom_partitioner_fn`` and as AOTAutograd's
-    ``partition_fn``. ``partition_fn`` is a private switch for development against
-    another partitioner with the same contract.
+    ``partition_fn``.
     """
 
-    def __init__(self, options: BackendOptions, fingerprint: str, partition_fn=None) -> None:
+    def __init__(self, options: BackendOptions, fingerprint: str) -> None:
         self.options = options
         self.fingerprint = fingerprint
-        self.partition_fn = partition_fn
         self.reports: list[dict[str, Any]] = []
 
     def __call__(self, joint_module, joint_inputs, **kwargs):
         from ckpt_compile import passes
 
         joint_module = passes.tag_recompute(joint_module)
-        partition_fn = self.partition_fn or passes.partition
+        partition_fn = passes.partition
         budget, no_checkpoint_bytes = _partition_budget(
             joint_module, joint_inputs, kwargs, partition_fn, self.options.budget
         )
@@ -136,7 +144,7 @@ class _CkptPartitioner(CustomPartitionerFn):
         return fw_module, bw_module
 
     def uuid(self) -> str:
-        # Cache key: our source, the options that change code, and the annotations.
+        # Cache key: our source and version, the options that change code, and the annotations.
         return hashlib.sha256(
             _source_hash() + f"{_PARTITIONER_VERSION};{self.options.fingerprint()};"
             f"{self.fingerprint}".encode()
@@ -146,12 +154,12 @@ class _CkptPartitioner(CustomPartitionerFn):
 def _partition_budget(joint_module, joint_inputs, kwargs, partition_fn, budget: MemoryBudget):
     """``(budget on the partitioner's scale, no-checkpoint saved bytes or None)``.
 
-    API.md: ``memory_budget`` limits the activation bytes this graph saves (graph inputs,
-    so parameters, buffers and user inputs, are free): a fraction of what the same graph
-    saves with no checkpointing at all, or bytes. The partitioner's ``memory_budget`` is a
-    fraction of the bytes its own plan saves at 1.0, which for a graph with checkpoint
-    regions is already the (smaller) checkpointed figure. Without regions the two
-    no-checkpoint and 1.0 figures coincide.
+    docs/api.md: ``memory_budget`` limits the activation bytes this graph saves (graph
+    inputs, so parameters, buffers and user inputs, are free): a fraction of what the same
+    graph saves with no checkpointing at all, or bytes. The partitioner's ``memory_budget``
+    is a fraction of the bytes its own plan saves at 1.0, which for a graph with checkpoint
+    regions is already the (smaller) checkpointed figure; without regions the two scales
+    coincide and a fraction goes through as it is. Bytes are converted either way.
     """
     fraction = budget.fraction
     has_regions = any("recompute" in node.meta for node in joint_module.graph.nodes)
@@ -159,9 +167,9 @@ def _partition_budget(joint_module, joint_inputs, kwargs, partition_fn, budget: 
         return fraction, None
     from ckpt_compile.diagnostics._graph_stats import baseline_partition
 
-    checkpointed = partition_fn(joint_module, joint_inputs, **kwargs)[0].meta["ckpt_plan"].saved_bytes
-    no_checkpoint = (baseline_partition(joint_module, partition_fn, joint_inputs, **kwargs)[0].meta["ckpt_plan"].saved_bytes
-                     if has_regions else checkpointed)
+    checkpointed = partition_fn(joint_module, joint_inputs, **kwargs)[0].meta["ckpt_partition"].saved_bytes
+    no_checkpoint = (baseline_partition(joint_module, partition_fn, joint_inputs, **kwargs)[0].meta["ckpt_partition"]
+                     .saved_bytes if has_regions else checkpointed)
     wanted = budget.bytes_of(no_checkpoint)
     if checkpointed == 0 or wanted >= checkpointed:
         return 1.0, no_checkpoint
@@ -215,11 +223,36 @@ def _compile_eager(gm, example_inputs, partitioner):
 
 @functools.lru_cache(maxsize=1)
 def _source_hash() -> bytes:
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("ckpt_compile")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        version = "source"
+    return _hash_sources(_graph_sources(), version)
+
+
+def _graph_sources() -> list[pathlib.Path]:
+    """The modules that can change a captured or partitioned graph: every module of the
+    package and of ``passes/``. The policies, the engine's tracing branch, the wrappers
+    and the budget's baseline in diagnostics all do; a hand-kept narrower list missed
+    them once (issue 21), and hashing the rest costs nothing but a cache miss."""
     import ckpt_compile.passes as passes_pkg
 
-    folders = (pathlib.Path(passes_pkg.__file__).parent, pathlib.Path(__file__).parent)
-    files = tuple(sorted(str(p) for folder in folders for p in folder.glob("*.py")))
-    return get_hash_for_files(files)
+    package = pathlib.Path(__file__).resolve().parents[1]  # ckpt_compile/
+    roots = (package, pathlib.Path(passes_pkg.__file__).parent)
+    return sorted({p.resolve() for root in roots for p in root.rglob("*.py")})
+
+
+def _hash_sources(files: Sequence[pathlib.Path], version: str) -> bytes:
+    # Each file's name and length go in with its bytes, so moving code between files
+    # changes the key too.
+    digest = hashlib.sha256(f"ckpt_compile {version}\n".encode())
+    for path in files:
+        data = path.read_bytes()
+        digest.update(f"{path.name}:{len(data)}\n".encode())
+        digest.update(data)
+    return digest.digest()
 
 
 def _annotation_fingerprint(gm: fx.GraphModule) -> str:
@@ -283,9 +316,10 @@ def _consts(code: types.CodeType) -> tuple:
 
 
 def _graph_report(joint_module, fw_module, bw_module, kwargs, partition_fn, joint_inputs, detailed: bool):
-    """Figures of one partition: graph sizes and saved bytes (always, computed here so a
-    compile never depends on the diagnostics modules); with ``detailed`` (the report option
-    is on) the full report of ``ckpt_compile.diagnostics._report``: per-region rows, the graph for the
+    """Figures of one partition: graph sizes and saved bytes (always, computed here so that
+    a compile without ``report`` never imports the report modules; only a budget below 1 on
+    a graph with checkpoint regions borrows ``diagnostics._graph_stats.baseline_partition``
+    to price it); with ``detailed`` (the report option is on) the full report of ``ckpt_compile.diagnostics._report``: per-region rows, the graph for the
     picture, and the no-checkpoint baseline (the same joint graph partitioned again with
     its checkpoint tags hidden: no second compile)."""
     num_fwd_outputs = kwargs["num_fwd_outputs"]
@@ -312,7 +346,7 @@ def _basic_figures(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd
         "saved_tensors": len(saved),
         "saved_bytes": sum(_nbytes(n) for n in saved),
     }
-    plan = fw_module.meta.get("ckpt_plan")
+    plan = fw_module.meta.get("ckpt_partition")
     if plan is not None:
         report["recomputed_nodes"] = len(plan.recomputed)
         report["offloaded_nodes"] = len(plan.offloaded)
@@ -335,11 +369,9 @@ def _saved_values(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[fx.No
 
 
 def _nbytes(node: fx.Node) -> int:
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
+    from ckpt_compile.passes.facts import value_nbytes
 
-    value = node.meta["val"]
-    # Symbolic sizes (dynamic=True) are counted at their size hints.
-    return optimization_hint(value.numel(), fallback=1) * value.element_size()
+    return value_nbytes(node.meta["val"])  # the plan's rule for symbolic sizes
 
 
 def _emit_report(reports: list[dict[str, Any]], opts: BackendOptions) -> None:
@@ -355,28 +387,23 @@ def _emit_report(reports: list[dict[str, Any]], opts: BackendOptions) -> None:
             log.info("backend='ckpt' partition: %s", json.dumps(figures, sort_keys=True))
         log.info("%s", Report(tuple(reports), options))
         return
+    # report=path: the rule in backend()'s docstring.
     path = pathlib.Path(opts.report)
-    # The first graph written to a path in this process replaces the file; later graphs
-    # (a model split by graph breaks, a recompile) are appended to it.
-    key = os.path.abspath(path)
-    graphs = (_read_graphs(path) if key in _WRITTEN_PATHS else []) + reports
-    _WRITTEN_PATHS.add(key)
-    Report(tuple(graphs), options).write(path)
+    previous = _read_report(path)
+    graphs = list(previous.graphs) if previous is not None and dict(previous.options) == options else []
+    Report(tuple(graphs + reports), options).write(path)
 
 
-def _read_graphs(path: pathlib.Path) -> list[dict[str, Any]]:
+def _read_report(path: pathlib.Path):
+    """The report at ``path``, or None when there is no file; ValueError for another file."""
+    from ckpt_compile.diagnostics._report import Report
+
     if not path.exists():
-        return []
+        return None
     try:
-        document = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        return Report.read(path)
+    except ValueError as e:
         raise ValueError(
             f'backend="ckpt": option report={os.fspath(path)!r} names an existing file that '
             "is not a report this backend wrote; pass a new path"
         ) from e
-    if not isinstance(document, dict) or not isinstance(document.get("graphs"), list):
-        raise ValueError(
-            f'backend="ckpt": option report={os.fspath(path)!r} names an existing file that '
-            "is not a report this backend wrote; pass a new path"
-        )
-    return document["graphs"]

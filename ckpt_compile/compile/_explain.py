@@ -4,14 +4,15 @@ Example: see :func:`explain`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
-import tempfile
 from typing import Any, Callable
 
 import torch
 
+from ckpt_compile.compile._backend import compile_graph, show_report
 from ckpt_compile.compile._options import BackendOptions
 from ckpt_compile.diagnostics._report import Report
 
@@ -24,10 +25,11 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
     """Compile ``model_or_fn`` with ``backend="ckpt"``, run one forward on ``example_inputs``,
     and return the :class:`~ckpt_compile.Report` of what was saved and recomputed.
 
-    ``options`` are the backend's (``memory_budget``, ``inner``, ``report``: a path also
-    receives the JSON); ``dynamic=`` and ``fullgraph=`` go to ``torch.compile``. The
-    figures are exactly those the backend writes for a user's compile (it goes through
-    ``torch.compile(..., backend="ckpt", options={"report": path})``); the baseline is the
+    ``options`` are the backend's (``memory_budget``, ``inner``, ``report``: a path
+    receives the JSON, replacing the file, since it holds the one report returned);
+    ``dynamic=`` and ``fullgraph=`` go to ``torch.compile``. The figures are exactly those
+    the backend writes for a user's compile with ``options={"report": path}`` (the same
+    pipeline, handing its Report over directly); the baseline is the
     same joint graph partitioned with every checkpoint region removed. No backward runs,
     and the model's parameters are untouched; a forward pass does run (dropout draws
     random numbers, batch-norm statistics update, as in one training step).
@@ -62,27 +64,31 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
         )
     compile_kwargs = {k: options.pop(k) for k in ("dynamic", "fullgraph") if k in options}
     opts = BackendOptions.from_mapping(options)  # ValueError for unknown or bad options
-    with tempfile.TemporaryDirectory(prefix="ckpt_compile_explain_") as folder:
-        path = pathlib.Path(folder) / "report.json"
-        backend_options = {"memory_budget": opts.memory_budget, "inner": opts.inner, "report": str(path)}
-        # A fresh torch.compile wrapper: a new backend object, so Dynamo compiles again
-        # even if this model was compiled before (its cache entries check the backend).
-        compiled = torch.compile(model_or_fn, backend="ckpt", options=backend_options, **compile_kwargs)
-        with torch.enable_grad():
-            compiled(*example_inputs)
-        if not path.exists():
-            raise ValueError(
-                "explain: the compiled model produced no backward graph, so nothing is saved "
-                "for backward; give it parameters or example inputs that require grad "
-                "(x.requires_grad_()), and check that torch.compile did not fall back to eager"
-            )
-        report = Report.read(path)
-    if opts.report is True:
-        from ckpt_compile.compile._backend import show_report
+    graphs: list[dict[str, Any]] = []
+    # The backend's own pipeline, with the detailed report on, handing its reports here.
+    detailed = dataclasses.replace(opts, report=True)
 
+    def ckpt(gm, example_inputs):
+        compiled, reports = compile_graph(gm, example_inputs, detailed)
+        graphs.extend(reports)
+        return compiled
+
+    # A fresh backend object, so Dynamo compiles again even if this model was compiled
+    # before (its cache entries check the backend).
+    compiled = torch.compile(model_or_fn, backend=ckpt, **compile_kwargs)
+    with torch.enable_grad():
+        compiled(*example_inputs)
+    if not graphs:
+        raise ValueError(
+            "explain: the compiled model produced no backward graph, so nothing is saved "
+            "for backward; give it parameters or example inputs that require grad "
+            "(x.requires_grad_()), and check that torch.compile did not fall back to eager"
+        )
+    report = Report(tuple(graphs), {"memory_budget": opts.memory_budget, "inner": opts.inner})
+    if opts.report is True:
         show_report(report)
     elif opts.report:
-        report.write(opts.report)
+        report.write(opts.report)  # explain's one report replaces the file
     return report
 
 

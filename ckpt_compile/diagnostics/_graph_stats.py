@@ -142,7 +142,7 @@ def calls(module: fx.GraphModule) -> list[fx.Node]:
 def recomputed_nodes(fw_module: fx.GraphModule, bw_module: fx.GraphModule) -> list[fx.Node]:
     """Backward nodes that repeat forward work: the plan's recomputed names when the
     partitioner attached one, else backward copies of forward-tagged nodes."""
-    plan = bw_module.meta.get("ckpt_plan") or fw_module.meta.get("ckpt_plan")
+    plan = bw_module.meta.get("ckpt_partition") or fw_module.meta.get("ckpt_partition")
     backward = calls(bw_module)
     if plan is not None:
         names = set(plan.recomputed)
@@ -152,12 +152,13 @@ def recomputed_nodes(fw_module: fx.GraphModule, bw_module: fx.GraphModule) -> li
 
 def node_bytes(node: fx.Node) -> tuple[int, sympy.Expr]:
     """(bytes at the example inputs' sizes, bytes as a size expression) of a tensor node."""
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
+    from ckpt_compile.passes.facts import value_nbytes
 
     value = node.meta["val"]
     numel = value.numel()
     expr = numel.node.expr if isinstance(numel, torch.SymInt) else sympy.Integer(numel)
-    return optimization_hint(numel, fallback=1) * value.element_size(), expr * value.element_size()
+    # At the example inputs' sizes by the plan's rule (passes.facts.size_hint).
+    return value_nbytes(value), expr * value.element_size()
 
 
 def partition_figures(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fwd_outputs: int) -> dict[str, Any]:
@@ -168,7 +169,7 @@ def partition_figures(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_
     sizes = [node_bytes(n) for n in saved]
     expr = sympy.Add(*(e for _, e in sizes)) if sizes else sympy.Integer(0)
     recomputed = recomputed_nodes(fw_module, bw_module)
-    plan = fw_module.meta.get("ckpt_plan")
+    plan = fw_module.meta.get("ckpt_partition")
     return {
         "forward_nodes": len(calls(fw_module)),
         "backward_nodes": len(calls(bw_module)),
@@ -199,7 +200,7 @@ def graph_structure(fw_module: fx.GraphModule, bw_module: fx.GraphModule, num_fw
     status ``saved``, ``banned``, ``forward``, ``recomputed`` or ``backward``); ``edges``: data edges within a side as index pairs;
     ``cut``: a saved forward value -> the backward node reading it.
     """
-    plan = fw_module.meta.get("ckpt_plan")
+    plan = fw_module.meta.get("ckpt_partition")
     banned = {name for name, _ in plan.banned} if plan is not None else set()
     saved = {n.name for n in saved_nodes(fw_module, num_fwd_outputs)}
     recomputed = {n.name for n in recomputed_nodes(fw_module, bw_module)}

@@ -31,7 +31,7 @@ from ckpt_compile.diagnostics._graph_stats import format_bytes
 
 __all__ = ["Report", "graph_report"]
 
-# The figures API.md promises at the top level, in each region row and in the baseline.
+# The figures docs/api.md promises at the top level, in each region row and in the baseline.
 FIGURES = ("forward_nodes", "backward_nodes", "saved_tensors", "saved_bytes",
            "recomputed_nodes", "recompute_flops")
 # Extra figures summed like the others: the summary line's denominators.
@@ -166,7 +166,7 @@ def _frames(trace: str) -> list[tuple[str, str, str, str]]:
 
 
 def _is_library(path: str) -> bool:
-    # torch and this package's engine; the demo (ckpt_compile/_demo.py) is user code.
+    # torch and this package's engine; the demo (ckpt_compile/cli/_demo.py) is user code.
     parts = pathlib.PurePath(path).parts
     return "torch" in parts or ("ckpt_compile" in parts and parts[-1] != "_demo.py")
 
@@ -229,7 +229,7 @@ class Report:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the totals of API.md, ``regions``, ``baseline``, then per graph."""
+        """JSON-ready: the totals of docs/api.md, ``regions``, ``baseline``, then per graph."""
         return {
             **{k: getattr(self, k) for k in (*FIGURES, *_EXTRA)},
             "saved_bytes_expr": _sum_exprs(g["saved_bytes_expr"] or str(g["saved_bytes"]) for g in self.graphs)

@@ -8,7 +8,7 @@ carries both traces and points at the first operator where they diverge.
 from __future__ import annotations
 
 import os
-import sys
+import traceback
 from typing import Any, NoReturn
 
 import torch
@@ -38,13 +38,13 @@ _EXPLANATION = (
 
 
 def _user_location() -> str:
-    """The innermost stack frame outside torch, this package and the standard library."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        filename = frame.f_code.co_filename
+    """The innermost source line outside torch, this package and the standard library.
+    Read for the debug-mode message only (what the user's code ran), never to decide
+    anything: a traceback summary, as torch's own debug mode records (no frame objects)."""
+    for entry in reversed(traceback.extract_stack()):
+        filename = entry.filename
         if not (filename.startswith((_TORCH_DIR, _OUR_DIR, _PYTHON_DIR)) or filename.startswith("<frozen")):
-            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-        frame = frame.f_back
+            return f"{filename}:{entry.lineno} in {entry.name}"
     return "<unknown>"
 
 

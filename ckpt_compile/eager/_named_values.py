@@ -1,9 +1,11 @@
-"""How the selective engine recognises a value named with ``cc.checkpoint_name``.
+"""The operator behind ``cc.checkpoint_name``, and how the selective engine recognises it.
 
-The name's operator (``ckpt_compile::checkpoint_name``, defined by ``ckpt_compile.policies``)
-is matched by its qualified name, so the engine imports nothing above it; its producer is
-found by storage, because the name may see the producer's output through a view of all of
-it (a linear layer on 3-d input ends in a reshape). See ``_selective._SaveMode._serve_name``.
+The operator (``ckpt_compile::checkpoint_name``) is defined here, in the engine, so that it
+exists whenever the engine does: what the engine does never depends on whether
+``ckpt_compile.policies`` (which exposes ``checkpoint_name``) was imported. A named value's
+producer is found by storage, because the name may see the producer's output through a
+view of all of it (a linear layer on 3-d input ends in a reshape). See
+``_selective._SaveMode._serve_name``.
 """
 from __future__ import annotations
 
@@ -28,11 +30,29 @@ def storage_ptr(x: Any) -> int:
         return 0
 
 
-def names_exist() -> bool:
-    return hasattr(torch.ops.ckpt_compile, "checkpoint_name")
+# A functional custom op: policies see it as one operator call whose second argument is
+# the name. It returns a copy, not a view: custom ops may not alias their inputs, and a
+# view would share its producer's storage (the partitioner never saves a view alone). The
+# copy costs no saved bytes: inside a checkpointed region the producer's output is not
+# kept once the copy exists, so the named value is stored exactly once.
+@torch.library.custom_op("ckpt_compile::checkpoint_name", mutates_args=())
+def _name_op(x: torch.Tensor, name: str) -> torch.Tensor:
+    return x.clone()
+
+
+@_name_op.register_fake
+def _(x, name):
+    return torch.empty_like(x)
+
+
+def _name_backward(ctx, grad):
+    return grad, None
+
+
+_name_op.register_autograd(_name_backward)
+
+NAME_OP = torch.ops.ckpt_compile.checkpoint_name.default
 
 
 def is_name_op(func) -> bool:
-    # ckpt_compile.policies.checkpoint_name's operator, matched by name: the engine imports
-    # nothing above it.
-    return getattr(func, "namespace", None) == "ckpt_compile" and func.__name__ == "checkpoint_name.default"
+    return func is NAME_OP

@@ -279,11 +279,14 @@ def _pass_respect_saved_tensors_hooks(forward_context: Any, respect: bool | None
         )
 
 
-def _new_frame(run: Callable, metadata_fn, early_stop: bool, on_error) -> _Frame:
-    """A region's frame; ``set_checkpoint_early_stop`` overrides ``early_stop``."""
+def _new_frame(run: Callable, metadata_fn, early_stop: bool, on_error, frame_type: type = _Frame) -> _Frame:
+    """A region's frame; ``set_checkpoint_early_stop`` overrides ``early_stop``.
+
+    ``frame_type``: ``_Frame`` or a subclass (the composable API's keeps a call token)."""
     from ckpt_compile.eager._common import _Switches
 
-    return _Frame(run, metadata_fn, _Switches.early_stop if _Switches.early_stop is not None else early_stop, on_error)
+    early_stop = _Switches.early_stop if _Switches.early_stop is not None else early_stop
+    return frame_type(run, metadata_fn, early_stop, on_error)
 
 
 def _checkpoint_non_reentrant(

@@ -34,7 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import CheckpointPolicy
 
-from ckpt_compile.eager._named_values import aliases, is_name_op, names_exist, storage_ptr
+from ckpt_compile.eager._named_values import aliases, is_name_op, storage_ptr
+from ckpt_compile.passes.facts import as_policy
 from ckpt_compile.eager._torch_api import (
     SAC_IGNORED_OPS,
     TORCH_HAS_RESPECT_HOOKS,
@@ -123,6 +124,13 @@ class _Cached:
                 "in-place operation, or pass allow_cache_entry_mutation=True to "
                 "create_selective_checkpoint_contexts to accept the mutated value."
             )
+        if self.offload:
+            # An offloaded entry outlives the recomputation (a second backward needs it),
+            # so hand out a fresh alias, never the cached tensor itself: autograd sets the
+            # returned tensor's grad_fn, whose saved tensors hold the recomputation's pack
+            # hook, which holds this cache, a cycle through C++ that gc cannot break
+            # (3 tensors a region a step stayed alive; issue 17).
+            return _detach_keeping_version(self.value)
         return self.value
 
 
@@ -135,10 +143,9 @@ def _is_tracing() -> bool:
 
 
 def _as_policy(value: Any, func) -> CheckpointPolicy:
-    if isinstance(value, CheckpointPolicy):
-        return value
-    if isinstance(value, bool):  # PyTorch's older boolean policies: True means save
-        return CheckpointPolicy.MUST_SAVE if value else CheckpointPolicy.PREFER_RECOMPUTE
+    policy = as_policy(value)  # a member, or PyTorch's older boolean form (True means save)
+    if policy is not None:
+        return policy
     raise TypeError(
         f"selective checkpoint policy returned {value!r} for {func}; expected a "
         "CheckpointPolicy member (MUST_SAVE, PREFER_SAVE, MUST_RECOMPUTE, PREFER_RECOMPUTE, "
@@ -164,9 +171,7 @@ class _SaveMode(TorchDispatchMode):
         self.calls: dict = defaultdict(int)
         # Storage pointer -> (op, call index, layout) of the outputs that own their storage,
         # so a saved name can be served by the output it copies (see `_serve_name`).
-        # None while `checkpoint_name` does not exist (ckpt_compile.policies never
-        # imported): no value can be named, so no per-op bookkeeping.
-        self.producers: dict[int, tuple] | None = {} if names_exist() else None
+        self.producers: dict[int, tuple] = {}
         for observer in _OBSERVERS:
             observer.append(self)
 
@@ -209,7 +214,7 @@ class _SaveMode(TorchDispatchMode):
             self.storage[func][index] = tree_map(lambda x: _Cached(x, True) if isinstance(x, torch.Tensor) else x, out)
         else:
             self.storage[func][index] = _RECOMPUTE
-        if not tracing and self.producers is not None:
+        if not tracing:
             if is_name_op(func) and (policy in _SAVE or policy in _OFFLOAD):
                 self._serve_name(func, index, args[0], policy in _OFFLOAD)
             elif not func.is_view and (ptr := storage_ptr(out)) and not aliases(ptr, args):
@@ -274,10 +279,10 @@ def _observe_caches() -> Iterator[list]:
         _OBSERVERS.remove(found)
 
 
-def _cached_storages(forward_mode: _SaveMode) -> dict[int, int]:
-    """Storages (data pointer -> bytes) held by a region's cache: saved-activation memory
-    that a saved-tensors hook cannot see, because autograd does not save it."""
-    found: dict[int, int] = {}
+def _cached_tensors(forward_mode: _SaveMode) -> Iterator[torch.Tensor]:
+    """The tensors a region's cache holds (outputs kept, offloaded, or packed by the
+    user's hooks): saved-activation memory that a saved-tensors hook cannot see, because
+    autograd does not save it. Diagnostics and the planner both count it from here."""
     for entries in forward_mode.storage.values():
         for entry in entries.values():
             for leaf in torch.utils._pytree.tree_leaves(entry):
@@ -286,9 +291,13 @@ def _cached_storages(forward_mode: _SaveMode) -> dict[int, int]:
                 # A value packed by user hooks may be a container (save_on_cpu: a tuple).
                 for tensor in torch.utils._pytree.tree_leaves(leaf.value):
                     if isinstance(tensor, torch.Tensor):
-                        storage = tensor.untyped_storage()
-                        found[storage.data_ptr()] = storage.nbytes()
-    return found
+                        yield tensor
+
+
+def _cached_storages(forward_mode: _SaveMode) -> dict[int, int]:
+    """Storages (data pointer -> bytes) of :func:`_cached_tensors`."""
+    storages = (t.untyped_storage() for t in _cached_tensors(forward_mode))
+    return {storage.data_ptr(): storage.nbytes() for storage in storages}
 
 
 class _ReplayMode(TorchDispatchMode):
@@ -392,5 +401,11 @@ def create_selective_checkpoint_contexts(policy_fn_or_list, allow_cache_entry_mu
             "policy_fn_or_list must be either a function or a list of ops, got "
             f"{type(policy_fn_or_list).__name__}."
         )
+    # A policy that counts its calls (policies.save_ops(every=n)) offers a fresh copy per
+    # region run: each context pair is one run of one region (as torchtitan builds its
+    # counting policy per region), so the count restarts there, forward and trace alike.
+    fresh = getattr(policy_fn, "fresh_per_region", None)
+    if callable(fresh):
+        policy_fn = fresh()
     storage: dict = defaultdict(dict)
     return _SaveMode(policy_fn, storage), _ReplayMode(storage, allow_cache_entry_mutation)

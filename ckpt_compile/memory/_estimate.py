@@ -54,9 +54,11 @@ def estimate_memory(model: nn.Module, *example_inputs: Any, optimizer: Any = Non
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"ckpt_compile.estimate_memory: world_size must be an int >= 1 (ranks), got {world_size!r}")
     if world_size > 1:
-        from ckpt_compile.memory._fsdp import estimate_sharded
+        from ckpt_compile.memory._fsdp import sharding_for
 
-        return estimate_sharded(model, example_inputs, example_kwargs, make_optimizer, loss_fn, world_size)
+        return _estimate(model, example_inputs, example_kwargs, make_optimizer, loss_fn,
+                         sharding=sharding_for(model, world_size),
+                         source=f"estimate on fake tensors, one rank of {world_size} under FSDP2")
     return _estimate(model, example_inputs, example_kwargs, make_optimizer, loss_fn)
 
 
@@ -74,8 +76,10 @@ def _optimizer_factory(optimizer: Any) -> Callable | None:
     return optimizer
 
 
-def _estimate(model, args, kwargs, make_optimizer, loss_fn) -> StepMemory:
-    """The step on fake tensors, with ``model``'s state swapped for fake copies."""
+def _estimate(model, args, kwargs, make_optimizer, loss_fn, sharding=None,
+              source: str = "estimate on fake tensors") -> StepMemory:
+    """The step on fake tensors, with ``model``'s state swapped for fake copies;
+    ``sharding`` (``_fsdp``) moves the tracker's offsets as FSDP2 would."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -98,7 +102,9 @@ def _estimate(model, args, kwargs, make_optimizer, loss_fn) -> StepMemory:
         for t in torch.utils._pytree.tree_leaves((fake_args, fake_kwargs)):
             tracker.adopt(t, "activations")
         hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.adopt(p.grad, "gradients")) for p in params]
-        start = sum(tracker.totals)
+        if sharding is not None:
+            sharding.install(tracker, params, opt)
+        start = sum(tracker.totals) + sum(tracker.offsets)
         try:
             with torch.enable_grad(), tracker, warnings.catch_warnings():
                 # Our module hooks are global while the step runs; torch.compile warns that
@@ -112,19 +118,25 @@ def _estimate(model, args, kwargs, make_optimizer, loss_fn) -> StepMemory:
                 tracker.start_backward(loss)
                 loss.backward()
                 del output, loss
+                if sharding is not None:
+                    sharding.backward_finished()
                 if opt is not None:
                     tracker.phase = "optimizer"
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                    if sharding is not None:
+                        sharding.step_finished()
                 tracker.sample()
         finally:
             for hook in hooks:
                 hook.remove()
+            if sharding is not None:
+                sharding.remove()
     point = tracker.peak_point
     return StepMemory(
         peak_bytes=tracker.peak, start_bytes=start, peak_phase=point.phase, peak_module=point.module,
         breakdown=dict(zip(CATEGORIES, point.bytes)), timeline=tuple(tracker.timeline),
-        source="estimate on fake tensors", device=str(device), unit="op")
+        source=source, device=str(device), unit="op")
 
 
 # Wrappers' inner module names (torch.compile, checkpoint_wrapper, FSDP1) say nothing to

@@ -64,6 +64,7 @@ class _Tracker(TorchDispatchMode):
         self._round = _CUDA_BLOCK if device.type == "cuda" else 1
         self._entries: dict[int, list] = {}  # id(storage) -> [bytes, category index, weakref]
         self.totals = [0] * len(CATEGORIES)
+        self.offsets = [0] * len(CATEGORIES)  # bytes the fake step does not hold (FSDP sharding)
         self._phase: str | None = None
         self._stack: list[str | None] = []
         self._ops = 0
@@ -179,7 +180,7 @@ class _Tracker(TorchDispatchMode):
 
     def sample(self, scratch: int = 0) -> None:
         """One timeline point; ``scratch`` bytes of an operator's workspace count as temporary."""
-        values = list(self.totals)
+        values = [t + o for t, o in zip(self.totals, self.offsets)]
         values[_INDEX["temporary"]] += scratch
         total = sum(values)
         point = TimelinePoint(self._ops, self.phase, self._module(), tuple(values))

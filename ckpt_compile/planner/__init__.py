@@ -2,8 +2,8 @@
 no checkpoint, full checkpoint, a selective policy or CPU offload, so that the model's
 saved activation bytes fit a budget at the least recompute.
 
-Four steps with plain data between them (STYLE.md point 13): ``_measure`` runs the model on
-fake tensors and records what each block saves and recomputes under each option;
+Four steps with plain data between them (docs/design.md, "The planner"): ``_measure``
+runs the model on fake tensors and records what each block saves and recomputes under each option;
 ``_pose`` turns those storage sets into the solver's table; ``_solve`` is the exact
 dynamic programme (pure Python, no torch); ``_plan`` holds ``CheckpointPlan`` (a frozen
 dataclass: table, JSON, ``apply``) and ``plan()`` itself.

@@ -4,11 +4,9 @@ One forward of the whole model runs under ``FakeTensorMode`` (no real compute; a
 whose parameters live on ``device="meta"`` works too). A pack hook records every storage
 autograd saves (the figure :func:`ckpt_compile.saved_tensor_bytes` measures on a real
 step); storages saved outside the candidate blocks (embeddings, head) are the part of the
-model no plan changes. Only activations cost bytes (``memory_budget``'s meaning): the
-parameters, buffers and example inputs are alive anyway, so their storages weigh 0 bytes
-however they are saved (a weight, its transpose). A checkpointed block on the CPU also
-keeps the CPU RNG state it stashes (5 KB, unseen by autograd): a storage of its own. At each block, after its real call, the block runs once more per
-option (no checkpoint, full checkpoint, each selective policy, CPU offload) on the same
+model no plan changes; only activations cost bytes (parameters, buffers, inputs weigh 0; a CPU
+checkpoint adds its stashed RNG state). At each block, after its real call, it runs once more
+per option (no checkpoint, full checkpoint, each selective policy, CPU offload) on the same
 inputs, through the very wrappers ``CheckpointPlan.apply`` installs; each run records the
 storages it saves (selective checkpointing's cache included) and, with a backward, its
 forward + backward FLOPs. Recompute FLOPs of an option are its total minus the total with
@@ -36,19 +34,43 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry
 
+from ckpt_compile import policies
+
 __all__ = ["Option", "BlockMeasure", "Measurement", "measure", "options_for", "wrap"]
+
+
+# Option kinds, and the policies an option may name (each to the policy it builds from its arguments).
+KINDS = ("none", "checkpoint", "offload")
+_POLICIES: dict[str, Callable[..., Callable]] = {
+    "save_matmuls": lambda: policies.save_matmuls,
+    "save_matmuls_without_batch_dims": lambda: policies.save_matmuls_without_batch_dims,
+    "save_only_these_names": lambda *names: policies.save_only_these_names(*names),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One way to run a block: ``kind`` is ``"none"``, ``"checkpoint"`` or ``"offload"``;
-    a checkpoint with ``policy`` set is selective: ``ckpt_compile.policies.<policy>``,
-    called with ``policy_args`` when there are any (``save_only_these_names("attn")``)."""
+    """One way to run a block: ``kind`` is one of :data:`KINDS`; a checkpoint with
+    ``policy`` set is selective: the ``ckpt_compile.policies`` function of that name (a key
+    of ``_POLICIES``), called with ``policy_args`` if any (``save_only_these_names("attn")``).
+    A misspelt kind or policy is an error when the option is made."""
 
     label: str
     kind: str
     policy: str | None = None
     policy_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"planner Option {self.label!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.policy is not None and (self.kind != "checkpoint" or self.policy not in _POLICIES):
+            raise ValueError(
+                f"planner Option {self.label!r}: policy must be None or, with kind 'checkpoint', one of "
+                f"{sorted(_POLICIES)}; got policy={self.policy!r} with kind={self.kind!r}"
+            )
+
+    def selective_policy(self) -> Callable:  # the policy function (``policy`` must be set)
+        return _POLICIES[self.policy](*self.policy_args)
 
 
 NONE = Option("none", "none")
@@ -106,13 +128,10 @@ def wrap(module: nn.Module, option: Option) -> nn.Module:
         return offload_wrapper(module)
     if option.policy is None:
         return checkpoint_wrapper(module)
-    from ckpt_compile import policies
     from ckpt_compile.eager._selective import create_selective_checkpoint_contexts
 
-    policy = getattr(policies, option.policy)
-    if option.policy_args:
-        policy = policy(*option.policy_args)
-    return checkpoint_wrapper(module, context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+    context_fn = functools.partial(create_selective_checkpoint_contexts, option.selective_policy())
+    return checkpoint_wrapper(module, context_fn=context_fn)
 
 
 def measure(
@@ -171,15 +190,14 @@ def measure(
 
     try:
         with fake_mode:
-            fake_args, fake_kwargs = tree_map(lambda v: _fake(fake_mode, v), (args, kwargs))
+            fake_args, fake_kwargs = tree_map(lambda v: fake_mode.from_tensor(v) if torch.is_tensor(v) else v, (args, kwargs))
             # Fake parameters and buffers too: an in-place update in the forward (batch norm's
             # running statistics) must not touch the user's model.
             state = {name: fake_mode.from_tensor(t) for name, t in
                      [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
             with _Counter() as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 torch.func.functional_call(model, state, fake_args, fake_kwargs, tie_weights=True, strict=False)
-            alive_anyway = {recorder.key(t) for t in [*state.values(), *tree_leaves((fake_args, fake_kwargs))]
-                            if isinstance(t, torch.Tensor)}
+            alive_anyway = {recorder.key(t) for t in tree_leaves((state, fake_args, fake_kwargs)) if isinstance(t, torch.Tensor)}
     finally:
         for handle in handles:
             handle.remove()
@@ -300,27 +318,17 @@ def _run_option(recorder, module, option, args, kwargs, real_outputs):
         for mine, real in zip(outputs, real_outputs):
             recorder.alias(mine, real)
         for mode in modes:
-            for entries in mode.storage.values():
-                for entry in entries.values():
-                    for leaf in tree_leaves(entry):
-                        if isinstance(leaf, _selective._Cached):
-                            storages.append(leaf.value.untyped_storage())
+            storages.extend(t.untyped_storage() for t in _selective._cached_tensors(mode))
         grad_of = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
         grad_of += [p for p in module.parameters() if p.requires_grad]
         differentiable = [t for t in outputs if t.requires_grad]
         if differentiable and grad_of:
             torch.autograd.grad(differentiable, grad_of, [torch.ones_like(t) for t in differentiable], allow_unused=True)
     keys = {recorder.key(s) for s in storages}
-    if option.kind == "checkpoint" and _on_host(module, args, kwargs):
-        # The stashed CPU RNG state: device memory on the CPU (the profiler sees it retained
-        # after the forward), host memory beside an accelerator.
-        keys.add(recorder.new_key(torch.get_rng_state().nbytes))
+    tensors = [t for t in tree_leaves((args, kwargs, [*module.parameters()][:1])) if isinstance(t, torch.Tensor)]
+    if option.kind == "checkpoint" and all(t.device.type in ("cpu", "meta") for t in tensors):
+        keys.add(recorder.new_key(torch.get_rng_state().nbytes))  # the stashed CPU RNG state: device memory there
     return keys, forward.flops, counter.flops, counter.elements, forward.names
-
-
-def _on_host(module, args, kwargs) -> bool:
-    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)] + list(module.parameters())[:1]
-    return all(t.device.type in ("cpu", "meta") for t in tensors)
 
 
 # ---------------------------------------------------------------- helpers
@@ -410,8 +418,3 @@ def _name_op():
 
     return NAME_OP
 
-
-def _fake(mode, value):
-    if isinstance(value, torch.Tensor):
-        return mode.from_tensor(value)
-    return value

@@ -1,10 +1,10 @@
-"""The partitioner's frozen plan: plain data that the backend and diagnostics can print.
+"""The partitioner's decision, :class:`Partition`: plain data that the backend and diagnostics can print.
 
 Example::
 
-    >>> plan = Plan(saved=("relu",), recomputed=("add",), banned=(("mm", "expensive op"),),
+    >>> partition = Partition(saved=("relu",), recomputed=("add",), banned=(("mm", "expensive op"),),
     ...     offloaded=(), deferred=(), saved_bytes=1024, recompute_flops=256, memory_budget=1.0, regions={})
-    >>> print(plan.summary())
+    >>> print(partition.summary())
     saved 1 values (1024 bytes), recomputed 1 nodes (256 FLOPs), budget 1.0
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class RegionPlan:
+class RegionPartition:
     """Figures of one checkpoint region (``ac_graph_id``)."""
 
     saved: tuple[str, ...]
@@ -23,7 +23,7 @@ class RegionPlan:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Partition:
     """What to save and what to recompute, node names in graph order.
 
     ``saved`` lists every value the forward hands to the backward (tensors, SymInts and
@@ -43,7 +43,7 @@ class Plan:
     saved_bytes: int
     recompute_flops: int
     memory_budget: float
-    regions: dict[int, RegionPlan]
+    regions: dict[int, RegionPartition]
     why: tuple[tuple[str, str], ...] = ()
 
     def summary(self) -> str:
