@@ -108,7 +108,7 @@ def test_infeasible_names_the_smallest_peak_and_what_holds_it():
         cc.plan(model, x, peak_memory="1MiB", optimizer=ADAMW)
     text = str(info.value)
     smallest = int(re.search(r"\((\d+) bytes, estimated", text).group(1))
-    assert "peak_memory='1MiB'" in text and "parameters " in text and "gradients " in text
+    assert "peak_memory='1MiB'" in text and "parameters " in text and "which no checkpoint choice lowers" in text
     assert "AdamW state" in text and "smaller batch" in text and "chunked loss" in text and "sharding" in text
     # The figure is a real plan's peak: planning for exactly it succeeds.
     assert cc.plan(model, x, peak_memory=smallest, optimizer=ADAMW).predicted_peak_bytes == smallest
@@ -211,3 +211,20 @@ def test_cli_plan_peak_memory(tmp_path):
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
     fraction = run("--peak-memory", "0.5")
     assert fraction.returncode == 2 and "--peak-memory='0.5': a peak is a size, not a fraction" in fraction.stderr
+
+
+# ---------------------------------------------------------------- compiled
+
+
+def test_compiled_plan_stays_under_the_peak_budget():
+    """plan.apply + torch.compile(backend="ckpt"): the compiled step (inductor fuses the
+    elementwise temporaries away) measures under the budget planned for the eager step."""
+    torch.manual_seed(0)
+    sizes = dict(SIZES["gpt"], blocks=2)
+    model, x = compile_corpus._model("gpt", sizes), compile_corpus._input("gpt", sizes)
+    eager_none = cc.estimate_memory(model, x, optimizer=ADAMW).peak_bytes
+    budget = _smallest_peak(model, x)
+    plan = cc.plan(model, x, peak_memory=budget, optimizer=ADAMW)
+    assert any(r.kind == "checkpoint" for r in plan.blocks) and budget < eager_none
+    compiled = torch.compile(plan.apply(copy.deepcopy(model)), backend="ckpt")
+    assert measured(compiled, x, ADAMW).peak_bytes <= budget

@@ -331,14 +331,17 @@ def _infeasible_peak_message(peak_memory, budget: int, e: PeakInfeasible, measur
     if in_block:
         held = f"activations and temporaries {format_bytes(moving)} inside block {module} (its own working set)"
     elif step.peak_phase in ("loss", "backward"):
-        held = f"the loss and the head (activations and their gradients {format_bytes(moving)})"
+        chosen_keys = set().union(*(b.saved[a] for b, a in zip(measured.blocks, e.options))) - measured.outside
+        by_blocks = min(sum(measured.sizes[k] for k in chosen_keys), moving)
+        held = (f"the blocks' saved activations at their least {format_bytes(by_blocks)} + the loss and the head "
+                f"{format_bytes(moving - by_blocks)} (logits, their gradient, what the head saves)")
     else:
         held = f"activations and temporaries {format_bytes(moving)}"
     chosen = ", ".join(f"{b.name}: {b.options[a].label}" for b, a in zip(measured.blocks, e.options))
     return (
         f"ckpt_compile.plan: peak_memory={peak_memory!r} ({format_bytes(budget)}) is below the smallest feasible step "
         f"peak, {format_bytes(step.peak_bytes)} ({step.peak_bytes} bytes, estimated by cc.estimate_memory, with {chosen}), "
-        f"held at the {where} by {' + '.join(fixed)} + {held}, which no checkpoint choice changes. "
+        f"held at the {where} by {' + '.join(fixed)} + {held}, which no checkpoint choice lowers. "
         f"To go lower: a smaller batch or sequence, a chunked loss (when the peak sits in the loss or the head), "
         f"sharding (FSDP2: world_size=N), a lighter optimizer state, or lower-precision parameters"
     )
