@@ -16,10 +16,13 @@ Columns: step peak measured (``cc.measure_memory``'s CPU profiler memory timelin
 step after a warm-up step, everything alive counted), recompute FLOPs (``FlopCounterMode``
 over forward + backward minus the same with no checkpointing), step time (forward, loss,
 backward, AdamW step; median over interleaved rounds) as a ratio to no checkpointing, and
-planning time. Not run here (yet): torch.compile's ``activation_memory_budget`` and torch's
-``sac_ilp`` pipeline.
+planning time. With ``--compile``, also stock ``torch.compile`` (inductor) with
+``torch._functorch.config.activation_memory_budget`` at the largest of the ratios 1.0, 0.8,
+0.6, 0.4, 0.2, 0.1 whose measured peak fits (step time as a ratio to eager no
+checkpointing; recompute FLOPs are not counted inside compiled graphs: "-"). Not run here
+(yet): torch's ``sac_ilp`` pipeline.
 
-    python benchmarks/plan_peak.py [--hf] [--rounds 5]
+    python benchmarks/plan_peak.py [--hf] [--compile] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -84,10 +87,25 @@ def _step_times(models, x, rounds: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1)
+
+
+def _compiled(model, x, ratio: float):
+    """Stock inductor at ``activation_memory_budget=ratio`` (set around the first call, which
+    compiles: Dynamo does not guard on functorch's config)."""
+    torch._dynamo.reset()
+    m = torch.compile(copy.deepcopy(model))
+    with torch._functorch.config.patch(activation_memory_budget=ratio):
+        m(x).backward()
+    m.zero_grad(set_to_none=True)
+    return m
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf", action="store_true", help="also Hugging Face GPT-2 (4 x 256, vocab 50257)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also torch.compile's activation_memory_budget")
     args = parser.parse_args(argv)
     for name, model, x in _models(args.hf):
         n = len(model.blocks)
@@ -100,6 +118,8 @@ def main(argv=None) -> int:
         first = [(k, _wrapped(model, range(k))) for k in range(n + 1)]
         every = [(k, _wrapped(model, range(0, n, k))) for k in range(1, n + 1)]
         peaks = {id(m): measured(m, x, ADAMW).peak_bytes for _, m in first + every}
+        compiled = [(r, _compiled(model, x, r)) for r in RATIOS] if args.compile else []
+        peaks.update({id(m): measured(m, x, ADAMW).peak_bytes for _, m in compiled})
         print(f"\n{name}: no checkpoint {none_peak / 2**20:.1f} MiB estimated, smallest feasible {low / 2**20:.1f} MiB")
         print(f"{'budget':>10}  {'variant':<22}{'peak (measured)':>16}{'recompute GFLOP':>17}{'step time':>11}{'plan':>8}")
         for budget in (low + (none_peak - low) * i // 4 for i in (1, 2, 3)):
@@ -113,11 +133,16 @@ def main(argv=None) -> int:
                 rows.append((f"first {fit_first[0]} of {n} full", fit_first[1], ""))
             if fit_every:
                 rows.append((f"every {fit_every[0]}-th full", fit_every[1], ""))
+            fit_amb = next(((r, m) for r, m in compiled if peaks[id(m)] <= budget), None)
+            if fit_amb:
+                rows.append((f"torch.compile amb={fit_amb[0]}", fit_amb[1], ""))
+            elif compiled:
+                print(f"{budget / 2**20:>6.1f} MiB  torch.compile: no ratio in {RATIOS} fits")
             times = _step_times([copy.deepcopy(model)] + [m for _, m, _ in rows], x, args.rounds)
             for (label, m, planned), step in zip(rows, times[1:]):
                 peak = peaks.get(id(m)) or measured(m, x, ADAMW).peak_bytes
-                flops = (_flops(m, x) - base_flops) / 1e9
-                print(f"{budget / 2**20:>6.1f} MiB  {label:<22}{peak / 2**20:>12.1f} MiB{flops:>17.2f}"
+                flops = "-" if label.startswith("torch.compile") else f"{(_flops(m, x) - base_flops) / 1e9:.2f}"
+                print(f"{budget / 2**20:>6.1f} MiB  {label:<22}{peak / 2**20:>12.1f} MiB{flops:>17}"
                       f"{step / times[0]:>10.2f}x{planned:>8}")
     return 0
 
