@@ -39,12 +39,18 @@ import math
 import re
 from typing import Any
 
-__all__ = ["MemoryBudget", "parse_memory_budget", "ACCEPTED"]
+__all__ = ["MemoryBudget", "parse_memory_budget", "parse_size", "ACCEPTED", "SIZES_ACCEPTED"]
 
 # Said in every error, so a user sees all the spellings at once.
 ACCEPTED = (
     "a float in (0, 1] (a fraction of the activation bytes saved with no checkpointing), "
     "an int >= 2 (bytes), or a size such as '4GiB', '512MiB', '8GB', '1.5 GiB' "
+    "(units B, kB/KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB: powers of 1024)"
+)
+
+# A peak (``peak_memory``, ``--peak-memory``) is a size only: a fraction of what?
+SIZES_ACCEPTED = (
+    "an int >= 2 (bytes) or a size such as '8GiB', '512MiB', '8GB', '1.5 GiB' "
     "(units B, kB/KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB: powers of 1024)"
 )
 
@@ -132,3 +138,27 @@ def _from_str(text: str, name: str) -> MemoryBudget:
     if nbytes < 2:  # as for ints: the value must read back as bytes (an int 1 would not)
         raise ValueError(f"{name}={text!r} is under 2 bytes; write {ACCEPTED}")
     return MemoryBudget(nbytes=nbytes)
+
+
+def parse_size(value: Any, *, name: str = "peak_memory") -> int:
+    """Bytes of a size: an int >= 2 or a size string as for :func:`parse_memory_budget`
+    (a bare number in a string is bytes). Fractions are refused: a peak is absolute.
+
+    >>> parse_size("8GiB") == 8 * 2**30, parse_size(1_000_000)
+    (True, 1000000)
+    >>> parse_size(0.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: peak_memory=0.5: a peak is a size, not a fraction; write an int >= 2 (bytes) or a size such as '8GiB', '512MiB', '8GB', '1.5 GiB' (units B, kB/KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB: powers of 1024)
+    """
+    if isinstance(value, (float, bool)) or (isinstance(value, str) and re.fullmatch(r"\s*[0-9]*\.[0-9]*\s*", value)):
+        raise ValueError(f"{name}={value!r}: a peak is a size, not a fraction; write {SIZES_ACCEPTED}")
+    if not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be {SIZES_ACCEPTED}; got {type(value).__name__} {value!r}")
+    try:
+        parsed = parse_memory_budget(value, name=name)
+    except ValueError as e:
+        raise ValueError(f"{name}={value!r} is not a size; write {SIZES_ACCEPTED}") from e
+    if parsed.nbytes is None:
+        raise ValueError(f"{name}={value!r}: a peak is a size, not a fraction; write {SIZES_ACCEPTED}")
+    return parsed.nbytes

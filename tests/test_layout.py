@@ -28,7 +28,7 @@ ALLOWED = {
     "modules": {"eager", "policies", "passes"},
     "diagnostics": {"eager", "passes"},
     "compile": {"eager", "passes", "diagnostics", "_budget"},
-    "memory": {"eager", "policies", "modules", "diagnostics", "passes"},
+    "memory": {"eager", "policies", "modules", "diagnostics", "passes", "_budget"},
     "planner": {"eager", "policies", "modules", "diagnostics", "passes", "memory", "_budget"},
     "cli": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "memory", "top", "_budget"},
     "top": {"eager", "policies", "modules", "diagnostics", "passes", "compile", "planner", "memory", "cli", "_budget"},

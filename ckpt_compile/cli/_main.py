@@ -4,8 +4,9 @@
   compiled, print the tables, and write the report and its picture to a folder.
 - ``explain module:factory``: import ``factory`` (a function returning ``(model,
   example_inputs)``), print what ``backend="ckpt"`` saves and recomputes for it.
-- ``plan module:factory --memory-budget B``: print ``ckpt_compile.plan``'s per-block
-  choice for that model under a budget.
+- ``plan module:factory (--memory-budget B | --peak-memory B) [--optimizer adamw|sgd]``:
+  print ``ckpt_compile.plan``'s per-block choice for that model under a budget of saved
+  activations or of the training step's peak.
 - ``memory module:factory``: print the estimated peak of one training step (``_memory``).
 
 ``--memory-budget`` (``explain`` and ``plan``) means what ``memory_budget`` means in
@@ -101,11 +102,19 @@ def _parser() -> argparse.ArgumentParser:
         "plan", help="choose what to checkpoint per block to fit a memory budget",
         description="Import FACTORY (module:function or path/to/file.py:function), call it with "
         "no arguments; it returns (model, example_inputs). Prints the plan of "
-        "ckpt_compile.plan(model, *example_inputs, memory_budget=B): per block, no checkpoint, "
+        "ckpt_compile.plan(model, *example_inputs, memory_budget=B or peak_memory=B): per block, no checkpoint, "
         "full, a selective policy or CPU offload, with the fewest recompute FLOPs that fit.",
     )
     plan.add_argument("factory", metavar="module:factory")
-    plan.add_argument("--memory-budget", required=True, metavar="B", help=_BUDGET_HELP)
+    budgets = plan.add_mutually_exclusive_group(required=True)
+    budgets.add_argument("--memory-budget", metavar="B", help=_BUDGET_HELP)
+    budgets.add_argument("--peak-memory", metavar="B",
+                         help="the peak of live device bytes one training step may reach (parameters, gradients, "
+                         "optimizer state, activations, temporaries; estimated on fake tensors): a size (8GiB, "
+                         "512MiB, 8GB) or bytes")
+    plan.add_argument("--optimizer", choices=("adamw", "sgd", "none"), default=None,
+                      help="the step --peak-memory is about: adamw (torch.optim.AdamW), sgd (SGD with momentum "
+                      "0.9) or none (default: none, no optimizer step)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     from ckpt_compile.cli import _memory
 
@@ -207,10 +216,23 @@ def _plan(args) -> int:
 
     import ckpt_compile as cc
 
-    budget = parse_budget(args.memory_budget)
+    from ckpt_compile._budget import parse_size
+    from ckpt_compile.cli._memory import _optimizer
+
+    if args.peak_memory is None:
+        if args.optimizer is not None:
+            raise _UsageError("--optimizer describes the step of --peak-memory; --memory-budget counts saved "
+                              "activations only")
+        budget = dict(memory_budget=parse_budget(args.memory_budget))
+    else:
+        try:
+            parse_size(args.peak_memory, name="--peak-memory")  # errors name the flag
+        except (TypeError, ValueError) as e:
+            raise _UsageError(str(e)) from e
+        budget = dict(peak_memory=args.peak_memory, optimizer=_optimizer(args.optimizer or "none"))
     model, inputs = _call_factory(args.factory)
     try:
-        plan = cc.plan(model, *inputs, memory_budget=budget)
+        plan = cc.plan(model, *inputs, **budget)
     except (TypeError, ValueError) as e:  # ours: already one line that names the fix
         raise _UsageError(f"plan({args.factory}) failed: {e}") from e
     except Exception as e:

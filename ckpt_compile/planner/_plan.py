@@ -34,9 +34,11 @@ import torch
 from torch import nn
 
 from ckpt_compile.eager._misuse import check_needs_grad
-from ckpt_compile._budget import parse_memory_budget
+from ckpt_compile._budget import parse_memory_budget, parse_size
 
+from ._blocks import find_blocks
 from ._measure import Option, measure, options_for, wrap
+from ._peak import PeakInfeasible, plan_peak
 from ._pose import pose, union_bytes
 from ._solve import Infeasible, solve
 
@@ -77,17 +79,29 @@ class CheckpointPlan:
     offloaded to CPU do not count (the budget is device memory). That is what a real
     forward leaves allocated for the backward beyond its own output (``torch.profiler``'s
     memory timeline; equal on the tests' models). ``budget_bytes`` is the budget in those
-    bytes. FLOPs are ``torch.utils.flop_counter``'s.
+    bytes (None when planned for a peak). FLOPs are ``torch.utils.flop_counter``'s.
+
+    Planned with ``peak_memory=``: ``predicted_peak_bytes`` is the step's peak of live
+    device bytes (parameters, gradients, optimizer state, activations, temporaries) that
+    ``cc.estimate_memory`` estimates for the applied plan, ``peak_phase`` / ``peak_module``
+    where it sits and ``peak_breakdown`` what holds it there.
     """
 
     blocks: tuple[BlockChoice, ...]
-    budget_bytes: int
+    budget_bytes: int | None
     baseline_saved_bytes: int
     predicted_saved_bytes: int
     predicted_recompute_flops: int
     outside_saved_bytes: int
     forward_flops: int
     planning_seconds: float
+    # Planned for a step peak (``peak_memory=``): the budget, the plan's step peak as
+    # ``cc.estimate_memory`` estimates it, where it sits and what holds it. None otherwise.
+    peak_budget_bytes: int | None = None
+    predicted_peak_bytes: int | None = None
+    peak_phase: str | None = None
+    peak_module: str | None = None
+    peak_breakdown: dict[str, int] | None = None
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Apply the plan to ``model`` in place (the model it was planned on, or one built the
@@ -118,11 +132,26 @@ class CheckpointPlan:
         counts = Counter(row.choice for row in self.blocks)
         mix = ", ".join(f"{choice} x{n}" for choice, n in counts.most_common())
         share = self.predicted_recompute_flops / self.forward_flops if self.forward_flops else 0.0
+        saved = f"saved {format_bytes(self.baseline_saved_bytes)} -> {format_bytes(self.predicted_saved_bytes)}"
+        if self.peak_budget_bytes is None:
+            fit = f"{saved} (budget {format_bytes(self.budget_bytes)})"
+        else:
+            where = _where(self.peak_phase, self.peak_module)
+            fit = (f"step peak {format_bytes(self.predicted_peak_bytes)} (budget {format_bytes(self.peak_budget_bytes)}, "
+                   f"estimated, at the {where}), {saved}")
         return (
-            f"saved {format_bytes(self.baseline_saved_bytes)} -> {format_bytes(self.predicted_saved_bytes)} "
-            f"(budget {format_bytes(self.budget_bytes)}), +{share:.0%} of the forward's FLOPs recomputed: {mix} "
+            f"{fit}, +{share:.0%} of the forward's FLOPs recomputed: {mix} "
             f"(the fewest recompute FLOPs of all per-block choices that fit, planned in {self.planning_seconds:.2f} s)"
         )
+
+    def _peak_lines(self) -> list[str]:
+        from ckpt_compile.diagnostics._graph_stats import format_bytes
+
+        if self.peak_breakdown is None:
+            return []
+        held = " + ".join(f"{name.replace('_', ' ')} {format_bytes(b)}" for name, b in self.peak_breakdown.items() if b)
+        where = _where(self.peak_phase, self.peak_module)
+        return [f"step peak {format_bytes(self.predicted_peak_bytes)} at the {where}: {held}"]
 
     def __str__(self) -> str:
         from ckpt_compile.diagnostics._graph_stats import format_bytes
@@ -138,7 +167,7 @@ class CheckpointPlan:
                  for row in [header, *rows]]
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
-        return "\n".join(lines + [self.summary()])
+        return "\n".join(lines + self._peak_lines() + [self.summary()])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: every field, blocks as a list of dicts, and ``summary``."""
@@ -150,9 +179,11 @@ class CheckpointPlan:
 
 
 def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | str | None = None,
-         blocks: Any = None, **example_kwargs: Any) -> CheckpointPlan:
-    """The checkpoint plan with the fewest recompute FLOPs whose saved activations fit
-    ``memory_budget``, for ``model(*example_inputs, **example_kwargs)``.
+         peak_memory: int | str | None = None, optimizer: Any = None, loss_fn: Callable | None = None,
+         world_size: int = 1, blocks: Any = None, **example_kwargs: Any) -> CheckpointPlan:
+    """The checkpoint plan with the fewest recompute FLOPs that fits ``memory_budget`` (saved
+    activations) or ``peak_memory`` (the training step's peak), for
+    ``model(*example_inputs, **example_kwargs)``. Give exactly one of the two.
 
     Args:
         model: the model; measured on fake tensors (no real compute; parameters may live on
@@ -162,7 +193,14 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
             (0, 1] is that fraction of what the model saves with no checkpointing; a size
             such as ``"4GiB"``, ``"512MiB"``, ``"8GB"`` (binary and decimal units as
             written) or an int >= 2 is bytes. ``0`` and ``1`` are ambiguous: a
-            ``ValueError`` says to write ``1.0`` or a size. Required.
+            ``ValueError`` says to write ``1.0`` or a size.
+        peak_memory: the peak of live device bytes one steady-state training step may
+            reach (parameters, gradients, optimizer state, activations, temporaries), as
+            ``cc.estimate_memory`` estimates it and ``cc.measure_memory`` measures it: a
+            size (``"8GiB"``) or an int of bytes.
+        optimizer, loss_fn, world_size: the step ``peak_memory`` is about, as for
+            ``cc.estimate_memory`` (an optimizer class or a callable ``params ->
+            optimizer``; None: no optimizer step). Only with ``peak_memory``.
         blocks: the submodules that may be checkpointed: an ``nn.Module`` class, a tuple of
             classes, or a predicate ``module -> bool`` (outermost matches only). Default: the
             repeated blocks, the same-class children of the model's largest
@@ -176,27 +214,41 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
     costed as FLOPs (``_OFFLOAD_FLOPS_PER_BYTE``), so the solver picks it only where
     recomputation cannot reach the budget. The choice is exact: a dynamic programme over
     the blocks minimising (recompute FLOPs, recomputed elementwise outputs) subject to total
-    saved bytes <= budget, bytes outside the blocks (embeddings, head) included. Not yet:
+    saved bytes <= budget, bytes outside the blocks (embeddings, head) included. For a
+    peak, the constraint holds at every moment of the step (``_solve_peak``: the forward
+    of each block, the loss and the start of the backward, each block's backward and
+    recomputation with the saved bytes of the blocks before it, the optimizer step), and
+    the chosen plan is verified with ``cc.estimate_memory`` (re-solved under a tighter
+    budget while over), so its estimated peak never exceeds ``peak_memory``. Not yet:
     merging consecutive blocks into one checkpointed segment.
 
     Hugging Face models: pass ``use_cache=False`` (or set it in the config), as for any
     checkpointing: a KV cache changes between the calls the planner measures.
 
     Raises:
-        TypeError / ValueError: a missing, bad or ambiguous ``memory_budget``, a bad
+        TypeError / ValueError: a missing, bad or ambiguous budget, both budgets, a bad
             ``blocks``, or blocks that match nothing; ``ValueError`` naming the smallest
-            feasible budget when none fits; ``ValueError`` when nothing requires grad, or
-            when the model fails on the example inputs (naming their dtypes, shapes and
-            devices; the model's error is chained).
+            feasible budget when none fits (for a peak: what holds it); ``ValueError`` when
+            nothing requires grad, or when the model fails on the example inputs (naming
+            their dtypes, shapes and devices; the model's error is chained).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"ckpt_compile.plan(model, ...): model must be an nn.Module, got {type(model).__name__}")
-    if memory_budget is None:
-        raise TypeError("ckpt_compile.plan(model, *example_inputs, memory_budget=...): memory_budget is required "
-                        "(a fraction such as 0.5 of the activation bytes saved with no checkpointing, or a size such as '4GiB')")
+    if (memory_budget is None) == (peak_memory is None):
+        got = "both" if memory_budget is not None else "neither"
+        raise TypeError(
+            f"ckpt_compile.plan(model, *example_inputs, memory_budget=... | peak_memory=...): give exactly one, got {got}: "
+            f"memory_budget limits the saved activations (a fraction such as 0.5 of what the model saves with no "
+            f"checkpointing, or a size such as '4GiB'); peak_memory limits the training step's peak (a size such as '8GiB')")
+    if peak_memory is None and (optimizer is not None or loss_fn is not None or world_size != 1):
+        raise TypeError("ckpt_compile.plan: optimizer, loss_fn and world_size describe the training step of "
+                        "peak_memory=...; memory_budget counts saved activations only and takes none of them")
     try:
-        parsed = parse_memory_budget(memory_budget)
+        if peak_memory is not None:
+            peak_budget = parse_size(peak_memory, name="peak_memory")
+        else:
+            parsed = parse_memory_budget(memory_budget)
     except (TypeError, ValueError) as e:
         raise type(e)(f"ckpt_compile.plan: {e}") from e
     check_needs_grad("ckpt_compile.plan", model, example_inputs, example_kwargs)
@@ -207,15 +259,32 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
     costs = [[_cost(b, a, measured.sizes, measured.outside) for a in range(len(b.options))] for b in measured.blocks]
     table = pose(measured.sizes, measured.outside, saved, costs)
     baseline = union_bytes(measured.sizes, measured.outside, [s[0] for s in saved])
-    budget = parsed.bytes_of(baseline)
-    try:
-        choice = solve(table, budget)
-    except Infeasible as e:
-        raise ValueError(
-            f"ckpt_compile.plan: memory_budget={memory_budget!r} allows {budget} bytes of activations, but no "
-            f"plan saves that little; the smallest feasible budget is {e.smallest} bytes "
-            f"({e.smallest / max(baseline, 1):.4f} of the {baseline} activation bytes saved with no checkpointing)"
-        ) from None
+    peak_fields: dict[str, Any] = {}
+    if peak_memory is not None:
+        from ckpt_compile.memory import estimate_memory
+
+        def estimate(m: nn.Module, with_optimizer: bool = True):
+            return estimate_memory(m, *example_inputs, optimizer=optimizer if with_optimizer else None,
+                                   loss_fn=loss_fn, world_size=world_size, **example_kwargs)
+
+        try:
+            result = plan_peak(model, measured, table, peak_budget, estimate)
+        except PeakInfeasible as e:
+            raise ValueError(_infeasible_peak_message(peak_memory, peak_budget, e, measured, optimizer)) from None
+        options, budget, step = result.options, None, result.estimate
+        peak_fields = dict(peak_budget_bytes=peak_budget, predicted_peak_bytes=step.peak_bytes,
+                           peak_phase=step.peak_phase, peak_module=step.peak_module,
+                           peak_breakdown=dict(step.breakdown))
+    else:
+        budget = parsed.bytes_of(baseline)
+        try:
+            options = solve(table, budget).options
+        except Infeasible as e:
+            raise ValueError(
+                f"ckpt_compile.plan: memory_budget={memory_budget!r} allows {budget} bytes of activations, but no "
+                f"plan saves that little; the smallest feasible budget is {e.smallest} bytes "
+                f"({e.smallest / max(baseline, 1):.4f} of the {baseline} activation bytes saved with no checkpointing)"
+            ) from None
     outside = measured.outside
     rows = tuple(
         BlockChoice(
@@ -225,17 +294,61 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
             no_checkpoint_bytes=sum(measured.sizes[k] for k in b.saved[0] - outside),
             recompute_flops=b.recompute_flops[a], forward_flops=b.forward_flops,
         )
-        for b, a in zip(measured.blocks, choice.options)
+        for b, a in zip(measured.blocks, options)
     )
     return CheckpointPlan(
         blocks=rows,
         budget_bytes=budget,
         baseline_saved_bytes=baseline,
-        predicted_saved_bytes=union_bytes(measured.sizes, outside, [s[a] for s, a in zip(saved, choice.options)]),
+        predicted_saved_bytes=union_bytes(measured.sizes, outside, [s[a] for s, a in zip(saved, options)]),
         predicted_recompute_flops=sum(r.recompute_flops for r in rows),
         outside_saved_bytes=sum(measured.sizes[k] for k in outside),
         forward_flops=measured.forward_flops,
         planning_seconds=time.perf_counter() - start,
+        **peak_fields,
+    )
+
+
+def _where(phase: str | None, module: str | None) -> str:
+    """Where a peak sits, as the step reads: "backward in blocks.0", "start of the backward"."""
+    if module:
+        return f"{phase} in {module}"
+    return "start of the backward" if phase == "backward" else str(phase)
+
+
+def _infeasible_peak_message(peak_memory, budget: int, e: PeakInfeasible, measured, optimizer) -> str:
+    """What the smallest peak is, what holds it that no block choice changes, what to do."""
+    from ckpt_compile.diagnostics._graph_stats import format_bytes
+
+    step = e.smallest
+    parts = step.breakdown
+    state = f"{getattr(optimizer, '__name__', None) or getattr(getattr(optimizer, 'func', None), '__name__', 'optimizer')} state"
+    fixed = [f"parameters {format_bytes(parts['parameters'])}"]
+    if parts["gradients"]:
+        fixed.append(f"gradients {format_bytes(parts['gradients'])}")
+    if parts["optimizer_state"]:
+        fixed.append(f"{state} {format_bytes(parts['optimizer_state'])}")
+    names = {b.name for b in measured.blocks}
+    module = step.peak_module
+    in_block = module is not None and any(module == n or module.startswith(n + ".") for n in names)
+    where = _where(step.peak_phase, module)
+    moving = parts["activations"] + parts["temporary"]
+    if in_block:
+        held = f"activations and temporaries {format_bytes(moving)} inside block {module} (its own working set)"
+    elif step.peak_phase in ("loss", "backward"):
+        chosen_keys = set().union(*(b.saved[a] for b, a in zip(measured.blocks, e.options))) - measured.outside
+        by_blocks = min(sum(measured.sizes[k] for k in chosen_keys), moving)
+        held = (f"the blocks' saved activations at their least {format_bytes(by_blocks)} + the loss and the head "
+                f"{format_bytes(moving - by_blocks)} (logits, their gradient, what the head saves)")
+    else:
+        held = f"activations and temporaries {format_bytes(moving)}"
+    chosen = ", ".join(f"{b.name}: {b.options[a].label}" for b, a in zip(measured.blocks, e.options))
+    return (
+        f"ckpt_compile.plan: peak_memory={peak_memory!r} ({format_bytes(budget)}) is below the smallest feasible step "
+        f"peak, {format_bytes(step.peak_bytes)} ({step.peak_bytes} bytes, estimated by cc.estimate_memory, with {chosen}), "
+        f"held at the {where} by {' + '.join(fixed)} + {held}, which no checkpoint choice lowers. "
+        f"To go lower: a smaller batch or sequence, a chunked loss (when the peak sits in the loss or the head), "
+        f"sharding (FSDP2: world_size=N), a lighter optimizer state, or lower-precision parameters"
     )
 
 
@@ -252,63 +365,6 @@ def _cost(block, a: int, sizes: dict[int, int], outside: frozenset[int]) -> tupl
         moved = 2 * sum(sizes[k] for k in block.saved[0] - outside)  # about: parameters stay
         return (moved * _OFFLOAD_FLOPS_PER_BYTE, 0)
     return (block.recompute_flops[a], block.recompute_elements[a])
-
-
-def find_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of the candidate blocks, in ``named_modules`` order."""
-    if blocks is None:
-        return _repeated_blocks(model)
-    if isinstance(blocks, nn.Module):
-        raise TypeError(
-            f"ckpt_compile.plan(blocks=...): expected an nn.Module class, a tuple of classes or a predicate "
-            f"module -> bool, got an instance of {type(blocks).__name__}; pass the class: blocks={type(blocks).__name__}"
-        )
-    if isinstance(blocks, (list, set, frozenset)):
-        raise TypeError(
-            f"ckpt_compile.plan(blocks=...): expected an nn.Module class, a tuple of classes or a predicate "
-            f"module -> bool, got a {type(blocks).__name__}; pass a tuple: blocks=({', '.join(getattr(c, '__name__', repr(c)) for c in blocks)},)"
-        )
-    if isinstance(blocks, type) and issubclass(blocks, nn.Module):
-        match: Callable[[nn.Module], bool] = lambda m: isinstance(m, blocks)  # noqa: E731
-    elif isinstance(blocks, tuple) and blocks and all(isinstance(c, type) and issubclass(c, nn.Module) for c in blocks):
-        match = lambda m: isinstance(m, blocks)  # noqa: E731
-    elif callable(blocks) and not isinstance(blocks, type):
-        match = blocks
-    else:
-        raise TypeError(
-            f"ckpt_compile.plan(blocks=...): expected an nn.Module class, a tuple of classes or a "
-            f"predicate module -> bool, got {blocks!r}"
-        )
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(outer + ".") for outer, _ in found):
-            continue
-        if match(module):
-            found.append((name, module))
-    if not found:
-        raise ValueError(f"ckpt_compile.plan(blocks={blocks!r}): no submodule of the {type(model).__name__} matches")
-    return found
-
-
-def _repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    best: list[tuple[str, nn.Module]] = []
-    for name, container in model.named_modules():
-        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
-            continue
-        children = list(container.named_children())
-        classes = Counter(type(child) for _, child in children)
-        if not classes:
-            continue
-        cls, n = classes.most_common(1)[0]
-        if n >= 2 and n > len(best):
-            prefix = f"{name}." if name else ""
-            best = [(prefix + child_name, child) for child_name, child in children if type(child) is cls]
-    if not best:
-        raise ValueError(
-            f"ckpt_compile.plan: found no repeated blocks in the {type(model).__name__} (no nn.ModuleList or "
-            f"nn.Sequential with two or more children of one class); pass blocks=<a class, a tuple of classes or a predicate>"
-        )
-    return best
 
 
 def _on_accelerator(model: nn.Module, args: tuple, kwargs: dict) -> bool:
