@@ -10,7 +10,7 @@ happens into the issue's classes:
 * ``obscure``: an error or warning that lacks them (another type, another text);
 * ``silent``: nothing at all.
 
-``tests/test_misuse*.py`` assert every case is ``clear`` or ``warned`` as expected;
+``tests/test_misuse.py`` asserts every case is ``clear`` or ``warned`` as expected;
 ``python tests/misuse_cases.py`` prints the count by class (the issue's before/after).
 """
 from __future__ import annotations
@@ -252,7 +252,7 @@ CASES: list[Case] = [
     Case("checkpoint-reentrant-kwargs", "I passed a keyword to my function with use_reentrant=True",
          lambda: cc.checkpoint(lambda x, scale=1.0: x * scale, _x(), scale=2.0, use_reentrant=True),
          ValueError, needs=("Unexpected keyword arguments: scale",),
-         kept="torch's exact words: API.md's parity contract, held by tests/test_eager_errors.py"),
+         kept="torch's exact words: docs/api.md's parity contract, held by tests/test_eager_errors.py"),
     Case("checkpoint-reentrant-context-fn", "I used a selective policy with use_reentrant=True",
          lambda: cc.checkpoint(torch.sin, _x(), use_reentrant=True, context_fn=_sac(policies.save_matmuls)),
          ValueError, needs=("context_fn", "use_reentrant=False")),
@@ -547,7 +547,7 @@ CASES: list[Case] = [
     Case("saved-bytes-two-args", "saved_tensor_bytes(model, x)",
          lambda: cc.saved_tensor_bytes(Net(), _x()),
          TypeError, needs=("saved_tensor_bytes", "positional"),
-         kept="Python's own error (the signature is API.md's); the argument's docstring shows lambda: model(x)"),
+         kept="Python's own error (the signature is docs/api.md's); the argument's docstring shows lambda: model(x)"),
     Case("autograd-nodes-module", "autograd_nodes(model)",
          lambda: cc.autograd_nodes(Net()),
          TypeError, needs=("autograd_nodes", "Tensor", "Net")),

@@ -105,8 +105,8 @@ import torch
 
 def make():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(3)])
-    return model, (torch.randn(4, 16, requires_grad=True),)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 16)) for _ in range(3)])
+    return model, (torch.randn(256, 16, requires_grad=True),)
 """
 # Run as `python -I -S`: no site-packages, no .pth files (an editable install's finder
 # lives in one), no user site, no PYTHON* variables; the path is set by hand.

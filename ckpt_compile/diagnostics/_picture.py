@@ -243,7 +243,7 @@ def render_html(report, *, max_nodes: int = 400) -> str:
 
 
 def _check_report(report: Any, path: Any) -> None:
-    if hasattr(report, "graphs") and hasattr(report, "regions"):
+    if (hasattr(report, "graphs") and hasattr(report, "regions")) or _step_picture.is_step_memory(report):
         return
     if isinstance(report, dict):
         fix = "it is a dict: pass Report.from_dict(that_dict)"
@@ -251,7 +251,7 @@ def _check_report(report: Any, path: Any) -> None:
         fix = "the arguments are swapped: write_picture(report, path)"
     else:
         fix = "pass the Report that cc.explain(model, *inputs) returns (or Report.read(path) of a saved one)"
-    raise TypeError(f"write_picture(report, path): report must be a ckpt_compile Report, got {type(report).__name__}; {fix}")
+    raise TypeError(f"write_picture(report, path): report must be a ckpt_compile Report or StepMemory, got {type(report).__name__}; {fix}")
 
 
 def write_picture(report, path: str | os.PathLike, *, max_nodes: int = 400) -> pathlib.Path:
