@@ -42,7 +42,12 @@ def test_failed_step_leaves_nothing_and_next_step_is_right(variant, fault):
     assert _EXPECTED[fault] in raised
     grads = step(model)
 
-    assert live() == clean, f"{variant}, {fault}: live (tensors, autograd nodes) {live()} != {clean} after a clean step"
+    # The counts are process-wide: in a whole-suite run, objects other tests left behind may be
+    # freed meanwhile (seen: 37 fewer tensors), so what the failed step left is what exceeds
+    # the clean count, in tensors or in nodes.
+    after = live()
+    assert after[0] <= clean[0] and after[1] <= clean[1], (
+        f"{variant}, {fault}: live (tensors, autograd nodes) {after} > {clean} after a clean step")
     expected = step(reference)
     assert len(grads) == len(expected)
     for got, want in zip(grads, expected):
