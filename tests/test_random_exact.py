@@ -14,6 +14,13 @@ import torch.utils.checkpoint as tuc
 
 import ckpt_compile as cc
 
+# torch 2.15's inductor has no fallback_random switch, which these tests need (eager-equal
+# compiled dropout); monkeypatching the missing key also breaks later compiles there.
+pytestmark = pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 15),
+    reason="torch 2.15's inductor has no fallback_random config",
+)
+
 P = 0.5
 D = 32
 
