@@ -139,6 +139,7 @@ def measured(model: nn.Module, x: torch.Tensor, optimizer) -> cc.StepMemory:
 def fsdp2_peak(rank: int, world_size: int, out_dir: str, name: str = "gpt", wrap: str = "none") -> dict:
     """A dist_utils scenario: one rank's measured step peak under ``fully_shard`` of each
     block and the root (AdamW), and the estimate for the same model and world size."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     model, x = build(name, wrap)
@@ -146,15 +147,24 @@ def fsdp2_peak(rank: int, world_size: int, out_dir: str, name: str = "gpt", wrap
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
+    # torch's memory profiler intermittently fails to order the FSDP2 step's events
+    # ("version mismatch" in torch/profiler/_memory_profiler.py) after the step has run. The
+    # ranks decide together whether to measure again: a rank that retried alone would wait in
+    # the next step's all-gather for a peer that had already returned (gloo's 120 s timeout).
     for attempt in range(3):
+        failure = None
         try:
             real = measured(model, x, torch.optim.AdamW)
-            break
         except AssertionError as e:
-            # torch's memory profiler intermittently fails to order the FSDP2 step's events
-            # ("version mismatch" in torch/profiler/_memory_profiler.py): measure the step again.
-            if "version mismatch" not in str(e) or attempt == 2:
+            if "version mismatch" not in str(e):
                 raise
+            failure = e
+        failed = torch.tensor([0 if failure is None else 1])
+        dist.all_reduce(failed)
+        if not failed.item():
+            break
+        if attempt == 2:
+            raise failure or AssertionError("a peer rank's memory profile failed three times")
     return {"measured": real.peak_bytes, "estimate": estimate.peak_bytes,
             "measured_breakdown": real.breakdown, "estimate_breakdown": estimate.breakdown,
             "measured_phase": real.peak_phase, "estimate_phase": estimate.peak_phase}
