@@ -191,6 +191,7 @@ class NoRecompute(enum.Enum):
     TAGGED_MUST_CPU_OFFLOAD = "tagged MUST_CPU_OFFLOAD"
     TAGGED_PREFER_CPU_OFFLOAD = "tagged PREFER_CPU_OFFLOAD"
     RANDOM = "random op without exact recompute"
+    RNG_STATE = "RNG state of a random op (what makes its recompute exact)"
     SYMBOLIC = "symbolic size (saved as a SymInt)"
     NOT_A_TENSOR = "not a tensor"
     EXPENSIVE = "expensive op outside a checkpoint region"
@@ -211,4 +212,6 @@ class TagReason(str, enum.Enum):
     BOUNDARY = "boundary"  # a region's output read by another region: saved as eager saves it
     RANDOM = "random"  # a random op (or a value from random values alone): saved
     RANDOM_EXACT = "random_exact"  # inductor's seeded random: recomputed exactly
+    RNG_REPLAY = "rng_replay"  # a random op recomputed with the forward's RNG state (.rng_replay)
+    RNG_STATE = "rng_state"  # that RNG state: saved when the op is recomputed
     ANNOTATION = "annotation"  # a region from torch.fx.traceback.annotate

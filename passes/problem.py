@@ -35,6 +35,7 @@ from .facts import (
     EXPENSIVE, NoRecompute, TagReason, is_graph_input, mutates, placeholder_kind, random_recompute_differs,
     size_hint, tensors_of, value_nbytes,
 )
+from .rng_replay import is_rng_state, rng_state_of
 
 aten = torch.ops.aten
 
@@ -115,10 +116,16 @@ def _classify(node: fx.Node, in_region: bool) -> tuple[NoRecompute | None, bool]
     policy = node.meta.get("recompute")
     if is_graph_input(node):
         return NoRecompute.GRAPH_INPUT, False
+    if is_rng_state(node):
+        return NoRecompute.RNG_STATE, False
     if node.meta.get("partitioner_tag") == "must_be_in_forward" or mutates(node):
         return NoRecompute.MUTATION, False
     if policy in (CheckpointPolicy.MUST_SAVE, *_OFFLOAD):
         return NoRecompute.tagged(policy), False
+    if rng_state_of(node) is not None and "recompute" not in node.meta:
+        # A replayed random op with its region's tags hidden (the no-checkpoint baseline of
+        # diagnostics._graph_stats): as unreplayed, as the model compiled without regions.
+        return NoRecompute.RANDOM, False
     if random_recompute_differs(node):
         # Random ops are not recomputed unless the tagging pass made their recompute exact.
         return NoRecompute.RANDOM, False
@@ -171,8 +178,10 @@ def _save_weight(node: fx.Node, nbytes: int, never_saved: set[fx.Node]) -> int |
         # A value the user's policy keeps wins a tie against an untagged value of the same
         # size (the backward can rebuild the other from it, and boundaries too: see
         # .saving), rather than both being an arbitrary pick of the solver.
-        by_policy = node.meta.get("ckpt_tag_reason") not in (TagReason.BOUNDARY, TagReason.RANDOM)
+        by_policy = node.meta.get("ckpt_tag_reason") not in (TagReason.BOUNDARY, TagReason.RANDOM, TagReason.RNG_STATE)
         return nbytes * 4 - (1 if by_policy and nbytes else 0)
+    if is_rng_state(node):
+        return nbytes * 4  # saved only when its random op is recomputed (see .rng_replay)
     if _is_view(node) or isinstance(node.meta.get("val"), (list, tuple)):
         return None  # views are never worth saving on their own (save the base); nor tuples
     return nbytes * _SAVE_FACTOR.get(policy, 4)
@@ -203,6 +212,11 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
     needed_nodes = {a for n in backward for a in n.all_input_nodes if a not in backward}
     needed_nodes.update(o for o in bwd_outputs if o not in backward)
     relevant = _ancestors(needed_nodes, stop=backward)
+    # A replayed random op's value reads its RNG state when recomputed (an edge the graph
+    # does not have: the state is its sibling, pair[0] beside pair[1]).
+    states = {v: rng_state_of(v) for v in relevant}
+    states = {v: s for v, s in states.items() if s is not None}
+    relevant.update(states.values())
     nodes = tuple(n for n in graph.nodes if n in relevant)
     index = {n: i for i, n in enumerate(nodes)}
     never_saved = replayed_input_mutations(graph)
@@ -211,6 +225,8 @@ def build_problem(joint_module: fx.GraphModule, *, num_fwd_outputs: int) -> Join
     must_save, soft_banned, reasons, offload, regions = set(), set(), {}, set(), {}
     for i, node in enumerate(nodes):
         edges.extend((index[a], i) for a in node.all_input_nodes if a in index)
+        if node in states:
+            edges.append((index[states[node]], i))
         size = 0 if is_graph_input(node) else value_nbytes(node.meta.get("val"))
         nbytes.append(size)
         weights.append(_save_weight(node, size, never_saved))

@@ -8,7 +8,9 @@ min-cut (``ckpt_compile.passes.partition``) reads the tags. Contract with the pa
   nodes inside a checkpoint region (absent outside every region);
 - ``node.meta["ac_graph_id"]``: the int id of that region;
 - ``node.meta["ckpt_rng_exact"] = True``: a random op whose recompute reproduces the
-  forward's values (the partitioner never recomputes any other random op).
+  forward's values (the partitioner never recomputes any other random op);
+- the one graph change: a region's other random ops become ``run_and_save_rng_state``
+  pairs (:mod:`.rng_replay`), whose value the partitioner recomputes with the saved state.
 
 Where the annotations come from:
 
@@ -37,17 +39,21 @@ What this pass adds on top, so that compiled checkpointing behaves like eager (i
   are not random here, although every SDPA kernel carries the ``nondeterministic_seeded``
   tag: their recompute is exact, so their outputs need not be kept.) Inductor's seeded
   random (``prims.inductor_random``, produced by inductor's ``replace_random_passes``
-  before partitioning) recomputes bit-identically from its saved seed: marked ``ckpt_rng_exact``. Any other random op in a region (eager
-  ``native_dropout``, ``rand_like``, ``bernoulli`` ... under ``inner="eager"`` or
-  ``fallback_random``) is ``MUST_SAVE``, and so is everything in the region computed from
-  random values alone (the dropout mask), so the cheapest thing saved is the bool mask
-  rather than the float noise.
+  before partitioning) recomputes bit-identically from its saved seed: marked
+  ``ckpt_rng_exact``. Any other random op in a region (eager ``native_dropout``,
+  ``rand_like``, ``bernoulli`` ... under ``inner="eager"`` or ``fallback_random``) is
+  rewritten to run with a saved RNG state (:mod:`.rng_replay`): recomputing it replays the
+  forward's numbers, at the price of saving that state (reason ``"rng_replay"``). A random
+  op that cannot be replayed (an explicit generator, an unusual device) is ``MUST_SAVE``,
+  and so is everything in the region computed from random values alone (the dropout
+  mask), so the cheapest thing saved is the bool mask rather than the float noise.
 - **Policies are normalised** to ``torch.utils.checkpoint.CheckpointPolicy`` (a ``bool``
   from a selective policy means save / recompute, as in PyTorch); ``*_CPU_OFFLOAD`` is kept
   as is: the partitioner saves such a value and moves it to CPU.
 
 Every node this pass changes records why in ``node.meta["ckpt_tag_reason"]``, a
-:class:`~.facts.TagReason` (``"boundary"``, ``"random"``, ``"random_exact"``, ``"annotation"``).
+:class:`~.facts.TagReason` (``"boundary"``, ``"random"``, ``"random_exact"``, ``"rng_replay"``, ``"rng_state"``,
+``"annotation"``).
 
 >>> import torch
 >>> from torch.utils.checkpoint import CheckpointPolicy
@@ -71,6 +77,7 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from .facts import TagReason, as_policy, draws_random
+from .rng_replay import can_replay, replay_random_op
 
 __all__ = ["tag_recompute"]
 
@@ -102,7 +109,8 @@ def tag_recompute(joint_module: fx.GraphModule) -> fx.GraphModule:
     forward = [n for n in graph.nodes if _is_forward(n)]
     _normalise_policies(forward)
     _regions_from_annotations(forward)
-    _keep_random_exact(forward)
+    _keep_random_exact(graph, forward)
+    forward = [n for n in graph.nodes if _is_forward(n)]  # random ops were rewritten
     _save_region_boundaries(forward)
     graph.lint()
     return joint_module
@@ -165,7 +173,7 @@ def _is_seeded_random(node: fx.Node) -> bool:
     return isinstance(target, torch._ops.OpOverload) and target._schema.name in _SEEDED_RANDOM
 
 
-def _keep_random_exact(forward: list[fx.Node]) -> None:
+def _keep_random_exact(graph: fx.Graph, forward: list[fx.Node]) -> None:
     random_derived: set[fx.Node] = set()
     for node in forward:
         if "recompute" not in node.meta:
@@ -173,6 +181,9 @@ def _keep_random_exact(forward: list[fx.Node]) -> None:
         if _is_seeded_random(node):
             node.meta["ckpt_rng_exact"] = True
             node.meta["ckpt_tag_reason"] = TagReason.RANDOM_EXACT
+            continue
+        if _is_random(node) and can_replay(node):
+            replay_random_op(graph, node)  # recomputed with the forward's RNG state
             continue
         inputs = node.all_input_nodes
         derived = bool(inputs) and all(i in random_derived for i in inputs)

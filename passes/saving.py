@@ -40,6 +40,7 @@ WHY = {
     "boundary": "output of a checkpoint region read by another region (saved as eager checkpoint saves it)",
     "policy": "a selective policy or annotation asked to save it (MUST_SAVE / PREFER_SAVE / *_CPU_OFFLOAD)",
     "random": "random op (or its mask) whose recompute would draw new numbers",
+    "rng state": "RNG state of a random op recomputed in the backward (replays the forward's numbers)",
     "not recomputable": "may not be recomputed (mutation, symbolic size, expensive op outside regions)",
     "budget": "kept under the memory budget: recomputing it costs more FLOPs than the bytes it frees",
     "needed by backward": "read by the backward; saving it is cheaper than recomputing it",
@@ -121,6 +122,8 @@ def why_saved(info: JointInfo, cut: Cut, memory_budget: float) -> dict[int, str]
             why = "boundary"
         elif tag_reason is TagReason.RANDOM or info.reasons.get(node.name) is NoRecompute.RANDOM:
             why = "random"
+        elif info.reasons.get(node.name) is NoRecompute.RNG_STATE:
+            why = "rng state"
         elif node.meta.get("recompute") in _POLICY_SAVE:
             why = "policy"
         elif i in problem.must_save or (memory_budget == 1.0 and i in problem.soft_banned):

@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import find_symbol_binding_fx_nodes, free_symbols
 
 from .facts import PlaceholderKind, placeholder_kind
+from .rng_replay import replayed_op, rng_state_of
 
 _SYM = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
@@ -144,21 +145,31 @@ def _emit(graph: fx.Graph, env: dict[fx.Node, fx.Node], node: fx.Node, recompute
 
     Recomputed values are emitted on demand, right before their first backward use, as
     autograd runs a checkpointed region's recompute just before its backward: recomputing
-    all of them at the start of the backward would bring the peak memory back."""
+    all of them at the start of the backward would bring the peak memory back.
+
+    A replayed random op's value (:mod:`.rng_replay`) is recomputed from its saved RNG state
+    and the op's inputs, as ``run_with_rng_state``: never by running its
+    ``run_and_save_rng_state`` pair again, which would draw new numbers."""
     stack = [(node, False)]
     while stack:
         current, inputs_ready = stack.pop()
         if current in env:
             continue
+        state = rng_state_of(current)
         if not inputs_ready:
             stack.append((current, True))
-            for a in reversed(current.all_input_nodes):
+            inputs = current.all_input_nodes if state is None else [state, *current.args[0].all_input_nodes]
+            for a in reversed(inputs):
                 if a not in env:
                     if a not in recompute:
                         _lookup(env, a, current)  # raises: neither saved nor recomputed
                     stack.append((a, False))
             continue
-        env[current] = graph.node_copy(current, lambda a, user=current: _lookup(env, a, user))
+        lookup = lambda a, user=current: _lookup(env, a, user)  # noqa: E731
+        if state is not None:
+            env[current] = replayed_op(graph, current, lookup(state), lookup)
+        else:
+            env[current] = graph.node_copy(current, lookup)
         if current.op == "call_function":
             env[current].meta["autograd_backward"] = True
     return env[node]

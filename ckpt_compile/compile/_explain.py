@@ -40,8 +40,9 @@ def explain(model_or_fn: Callable, *example_inputs: Any, **options: Any) -> Repo
     Why each value is saved: ``report.saved_values`` lists every saved activation
     (``name``, ``region``, ``bytes``, ``why``), ``why`` being one of ``"boundary"`` (a
     checkpoint region's output read by another region), ``"policy"`` (a selective policy
-    or annotation), ``"random"``, ``"not recomputable"``, ``"budget"``, ``"needed by
-    backward"`` or ``"recompute input"`` (see ``ckpt_compile.passes.saving.WHY``);
+    or annotation), ``"random"``, ``"rng state"`` (the RNG state a recomputed random op
+    replays), ``"not recomputable"``, ``"budget"``, ``"needed by backward"`` or
+    ``"recompute input"`` (see ``ckpt_compile.passes.saving.WHY``);
     ``report.saved_by_reason`` and the table's "why saved" section sum them.
 
     A model that fails on ``example_inputs`` is a ``ValueError`` naming the inputs' dtypes,
