@@ -17,6 +17,11 @@ and the min-cut picks whichever of the state or the op's output (the dropout mas
 smaller. torch's partitioner does the same for its own recomputed random ops
 (``functionalize_rng_ops``); these are torch's higher-order operators, which eager and
 inductor (as fallback kernels) both run.
+
+Graphs run as they are (``inner="eager"``) call :func:`run_eagerly` first: it swaps the two
+higher-order operators for plain functions that do the same, so that a
+``TorchDispatchMode`` active around the step (``FlopCounterMode``, an op counter) sees the
+random op itself rather than an operator it may not support.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from .facts import TagReason, tensors_of
 
-__all__ = ["can_replay", "is_rng_state", "replay_random_op", "replayed_op", "rng_state_of"]
+__all__ = ["can_replay", "is_rng_state", "replay_random_op", "replayed_op", "rng_state_of", "run_eagerly"]
 
 _DEVICES = ("cpu", "cuda")
 
@@ -113,3 +118,55 @@ def replayed_op(graph: fx.Graph, node: fx.Node, state: fx.Node, lookup) -> fx.No
     new = graph.call_function(run_with, (state, op, *args), kwargs)
     new.meta = dict(node.meta)
     return new
+
+
+# ---------------------------------------------------------------------------- eager
+def _device(args, kwargs) -> torch.device:
+    for t in tensors_of([*args, *kwargs.values()]):
+        return t.device
+    return torch.device("cpu")
+
+
+def _get_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _set_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state.cpu(), device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _run_and_save_rng_state(op, *args, **kwargs):
+    """``run_and_save_rng_state`` as a plain function: (the state before ``op``, its result)."""
+    return _get_state(_device(args, kwargs)), op(*args, **kwargs)
+
+
+def _run_with_rng_state(state, op, *args, **kwargs):
+    """``run_with_rng_state`` as a plain function: ``op`` under ``state``, the current state
+    put back afterwards (also when ``op`` raises)."""
+    device = _device(args, kwargs)
+    current = _get_state(device)
+    _set_state(device, state)
+    try:
+        return op(*args, **kwargs)
+    finally:
+        _set_state(device, current)
+
+
+def run_eagerly(module: fx.GraphModule) -> fx.GraphModule:
+    """``module`` with the replay's higher-order operators swapped for plain functions (in
+    place; see the module docstring)."""
+    run_and_save, run_with = _hops()
+    plain = {run_and_save: _run_and_save_rng_state, run_with: _run_with_rng_state}
+    changed = False
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target in plain:
+            node.target = plain[node.target]
+            changed = True
+    if changed:
+        module.recompile()
+    return module

@@ -71,26 +71,8 @@ WRAPS = {
 ALL_WRAPS = (*WRAPS, "plan")
 
 
-class _MLM(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids).logits.float().pow(2).mean()
-
-    @property
-    def blocks(self):
-        return self.model.bert.encoder.layer
-
-
 def _bert(blocks: int, d: int) -> nn.Module:
-    import transformers
-
-    config = transformers.BertConfig(vocab_size=256, hidden_size=d, num_hidden_layers=blocks, num_attention_heads=4,
-                                     intermediate_size=2 * d, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
-    return _MLM(transformers.BertForMaskedLM(config))
+    return compile_corpus._hf("bert", blocks, d)
 
 
 def build(name: str, wrap: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

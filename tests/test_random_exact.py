@@ -19,13 +19,6 @@ import torch.utils.checkpoint as tuc
 
 import ckpt_compile as cc
 
-# torch 2.15's inductor has no fallback_random switch, which these tests need (eager-equal
-# compiled dropout); monkeypatching the missing key also breaks later compiles there.
-pytestmark = pytest.mark.skipif(
-    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 15),
-    reason="torch 2.15's inductor has no fallback_random config",
-)
-
 P = 0.5
 D = 32
 
@@ -139,6 +132,10 @@ def _partitions(monkeypatch):
     return made
 
 
+def _name(target):
+    return (getattr(target, "_name", None) or getattr(target, "__name__", "")).lstrip("_")
+
+
 ROWS, WIDE = 64, 128  # masks of 8 KiB (bool) per block, larger than one CPU RNG state
 
 
@@ -147,8 +144,6 @@ def test_the_floor_is_the_boundaries_and_one_rng_state_per_random_op(inner, monk
     """Before the replay, the masks were saved: the floor was 188416 bytes on this model
     (0.59 of no checkpointing); now it is the two region boundaries (64 x 128 floats each)
     and three RNG states, and the backward recomputes every dropout from its state."""
-    from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
-
     state = torch.get_rng_state().numel()
     boundaries = 2 * ROWS * WIDE * 4
     with torch._inductor.config.patch(fallback_random=True):
@@ -160,8 +155,9 @@ def test_the_floor_is_the_boundaries_and_one_rng_state_per_random_op(inner, monk
     assert fw.meta["ckpt_partition"].saved_bytes == boundaries + 3 * state
     forward_ops = [n.target for n in fw.graph.nodes if n.op == "call_function"]
     backward_ops = [n.target for n in bw.graph.nodes if n.op == "call_function"]
-    assert forward_ops.count(run_and_save_rng_state) == 3
-    assert backward_ops.count(run_with_rng_state) == 3  # every dropout recomputed, from its state
+    # torch's higher-order operators, or (inner="eager") the plain functions standing in for them
+    assert [_name(t) for t in forward_ops].count("run_and_save_rng_state") == 3
+    assert [_name(t) for t in backward_ops].count("run_with_rng_state") == 3  # every dropout, from its state
     random = [t for t in backward_ops if torch.Tag.nondeterministic_seeded in getattr(t, "tags", ())]
     assert random == [], f"the backward draws fresh random numbers with {random}"
 

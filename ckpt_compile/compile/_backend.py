@@ -211,7 +211,9 @@ def _compile_eager(gm, example_inputs, partitioner):
     from torch._functorch.aot_autograd import make_boxed_func
 
     def run_as_is(module: fx.GraphModule, _inputs):
-        return make_boxed_func(module.forward)
+        from ckpt_compile.passes.rng_replay import run_eagerly
+
+        return make_boxed_func(run_eagerly(module).forward)
 
     return aot_autograd(
         fw_compiler=run_as_is,
