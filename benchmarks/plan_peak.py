@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import difflib
 import functools
 import io
 import pathlib
@@ -231,7 +232,7 @@ class _TorchSAC:
         if estimate is _cpu_roofline:
             _cpu_peaks()  # measured here: under the fake mode below a matmul takes no time
         t = time.perf_counter()
-        self.model = model
+        self.model, self.x = model, x
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = copy.deepcopy(model)
         with fake_mode, _fake_state(fake, fake_mode):
@@ -275,7 +276,8 @@ class _TorchSAC:
     def plan(self, budget: int):
         """sac_milp at ``budget`` less the AdamW state (its memory model counts parameters,
         gradients and activations only), then the per-module op policies; returns the
-        checkpointed copy (None if the ILP finds no solution), its description and seconds."""
+        checkpointed copy (None if the ILP finds no solution), its description and seconds
+        (the solves; not the forward that aligns the op policies)."""
         from torch.distributed._tools.sac_ilp import get_optimal_checkpointing_policy_per_module, sac_milp
 
         t = time.perf_counter()
@@ -283,25 +285,48 @@ class _TorchSAC:
         if ilp_peak == -1:
             return None, "sac_milp: no solution", time.perf_counter() - t
         m = copy.deepcopy(self.model)
+        states = []
         for fqn, discard in sorted(decisions.items()):
             stats = self.sac_stats[fqn]
-            saves = get_optimal_checkpointing_policy_per_module(stats, memory_budget=1 - discard)
+            state = dict(names=stats.func_names, saves=get_optimal_checkpointing_policy_per_module(
+                stats, memory_budget=1 - discard), real=[])
+            states.append(state)
             name = fqn.partition(".")[2]  # drop the root's class name
-            wrapped = torch_checkpoint_wrapper(m.get_submodule(name), context_fn=functools.partial(
-                _indexed_context, stats.func_names, saves))
+            wrapped = torch_checkpoint_wrapper(m.get_submodule(name),
+                                               context_fn=functools.partial(_indexed_context, state))
             if name:
                 parent, _, leaf = name.rpartition(".")
                 setattr(m.get_submodule(parent), leaf, wrapped)
             else:
                 m = wrapped
+        solve_s = time.perf_counter() - t
+        m(self.x)  # records each checkpointed module's ops on real tensors
+        unseen = sum(_align(state) for state in states)
         chosen = ", ".join(f"{fqn.partition('.')[2] or 'root'} {d:.2f}" for fqn, d in sorted(decisions.items()))
         chosen = f"{chosen or 'none'}; sac_milp's peak {ilp_peak / 2**20:.1f} MiB + AdamW state"
-        return m, chosen, time.perf_counter() - t
+        if unseen:
+            chosen += f"; {unseen} ops run on real tensors but not on fake ones (recomputed)"
+        return m, chosen, solve_s
 
 
-def _indexed_context(names, saves):
-    """A forward of a module torch's pipeline checkpoints: the i-th op (SACEstimator's index,
-    its skipped ops not counted) is saved where ``saves[i]``, else recomputed."""
+def _align(state) -> int:
+    """Map the op decisions, made for the ops SACEstimator saw on fake tensors, onto the ops
+    the module runs on real ones (HF GPT-2 takes other branches on fake tensors: its mask and
+    SDPA code check values unless traced), by the longest matching runs of op names. Returns
+    the number of real ops without a fake counterpart: they are recomputed."""
+    real, state["real"] = state["real"], None
+    saves = [0] * len(real)
+    matcher = difflib.SequenceMatcher(a=state["names"], b=real, autojunk=False)
+    for a, b, size in matcher.get_matching_blocks():
+        saves[b:b + size] = state["saves"][a:a + size]
+    state["saves"] = saves
+    return len(real) - sum(size for _, _, size in matcher.get_matching_blocks())
+
+
+def _indexed_context(state):
+    """A forward of a module torch's pipeline checkpoints. While ``state["real"]`` is a list,
+    record the ops (SACEstimator's skipped ops not counted) and recompute them all; after
+    ``_align``, save the i-th op where ``state["saves"][i]``."""
     from torch.distributed._tools.sac_estimator import OPS_TO_ALWAYS_SKIP
 
     i = 0
@@ -310,10 +335,11 @@ def _indexed_context(names, saves):
         nonlocal i
         if func in OPS_TO_ALWAYS_SKIP:
             return CheckpointPolicy.PREFER_RECOMPUTE
-        if i >= len(names) or func._overloadpacket.__name__ != names[i]:
-            raise RuntimeError(f"op {i} is {func}, SACEstimator saw {names[i] if i < len(names) else 'none'}")
+        if state["real"] is not None:
+            state["real"].append(func._overloadpacket.__name__)
+            return CheckpointPolicy.PREFER_RECOMPUTE
         i += 1
-        return CheckpointPolicy.MUST_SAVE if saves[i - 1] else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if state["saves"][i - 1] else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
 
