@@ -27,7 +27,8 @@ checkpointing; recompute FLOPs are not counted inside compiled graphs: "-"). Als
   (its memory model has parameters, gradients and activations only), then for each module it
   checkpoints ``get_optimal_checkpointing_policy_per_module`` (which ops to save in the share
   it keeps), applied as a selective checkpoint (``create_selective_checkpoint_contexts``) of
-  that module. Both runtime estimators need CUDA: where they cannot run, the script prints
+  that module, its op decisions matched to the ops of a real forward by name (HF GPT-2 runs
+  a few other ops on fake tensors; those without a counterpart are recomputed). Both runtime estimators need CUDA: where they cannot run, the script prints
   their errors and the row is ``torch sac_ilp*``, the same pipeline with torch's roofline
   (``torch.utils._runtime_estimation``) fed this CPU's measured peak FLOP/s and bandwidth;
   plan time is the statistics (once per model) plus the ILPs;
