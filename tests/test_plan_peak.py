@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import functools
-import itertools
+import math
 import random
 import re
 
@@ -18,7 +18,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import ckpt_compile as cc
 import compile_corpus
 from ckpt_compile.planner._solve import Table
-from ckpt_compile.planner._solve_peak import PeakTable, brute_force_peak, peak_of, smallest_peak, solve_peak
+from ckpt_compile.planner._solve_peak import (
+    PeakTable, Span, _every_choice, brute_force_peak, peak_of, smallest_peak, solve_peak,
+)
 from memory_utils import measured
 
 ADAMW = torch.optim.AdamW
@@ -152,23 +154,31 @@ def test_budget_arguments():
 # ---------------------------------------------------------------- the solver
 
 
-def _random_peaks(rng: random.Random, n: int) -> PeakTable:
+def _random_peaks(rng: random.Random, n: int, spans_too: bool) -> PeakTable:
     options = tuple(tuple((rng.randint(0, 20), (rng.randint(0, 9), rng.randint(0, 3))) for _ in range(rng.randint(1, 3)))
                     for _ in range(n))
     overlap = tuple(tuple(tuple(min(rng.choice((0, 0, 2)), options[i][a][0], options[i + 1][b][0])
                                 for b in range(len(options[i + 1]))) for a in range(len(options[i])))
                     for i in range(n - 1))
     within = tuple(tuple(rng.randint(0, 30) for _ in opts) for opts in options)
-    return PeakTable(Table(0, options, overlap), within, tuple(rng.randint(0, 30) for _ in range(n + 1)))
+    # Segments: some runs of 2 or more blocks, saving little, peaking high, costing their blocks'.
+    spans = tuple(
+        Span(i, j, rng.randint(0, 8), (rng.randint(0, 20), rng.randint(0, 5)), rng.randint(0, 60),
+             rng.randrange(len(options[i])),
+             tuple(rng.choice((0, 0, 1)) for _ in options[j + 1]) if j + 1 < n else ())
+        for i in range(n) for j in range(i + 1, n) if spans_too and rng.random() < 0.4)
+    return PeakTable(Table(0, options, overlap), within, tuple(rng.randint(0, 30) for _ in range(n + 1)), spans)
 
 
-def test_peak_solver_matches_brute_force():
+@pytest.mark.parametrize("spans_too", [False, True], ids=["blocks", "segments"])
+def test_peak_solver_matches_brute_force(spans_too):
     rng = random.Random(0)
     for _ in range(300):
-        peaks = _random_peaks(rng, rng.randint(0, 5))
+        peaks = _random_peaks(rng, rng.randint(0, 5), spans_too)
         lowest = smallest_peak(peaks)
-        every = [peak_of(peaks, o)[0] for o in itertools.product(*(range(len(o)) for o in peaks.table.options))]
-        assert lowest.peak == min(every) == peak_of(peaks, lowest.options)[0]
+        every = [peak_of(peaks, o, sg)[0] for o, sg in _every_choice(peaks)]
+        assert len(every) >= math.prod(len(o) for o in peaks.table.options)
+        assert lowest.peak == min(every) == peak_of(peaks, lowest.options, lowest.segments)[0]
         for budget in range(lowest.peak - 2, max(every) + 2):
             got, want = solve_peak(peaks, budget), brute_force_peak(peaks, budget)
             if want is None:
@@ -176,7 +186,7 @@ def test_peak_solver_matches_brute_force():
                 continue
             # Equal (cost, peak) may come from another choice: the figures must agree.
             assert (got.cost, got.peak) == (want.cost, want.peak), (peaks, budget)
-            assert peak_of(peaks, got.options) == (got.peak, got.cost)
+            assert peak_of(peaks, got.options, got.segments) == (got.peak, got.cost)
 
 
 # ---------------------------------------------------------------- the command line
