@@ -23,45 +23,72 @@ from typing import Any
 
 from torch import nn
 
-from ._measure import Measurement, wrap
+from ._measure import Measurement, wrap, wrap_segment
+from ._pose import always_saved
 from ._solve import Table
-from ._solve_peak import PeakChoice, PeakTable, prefixes, smallest_peak, solve_peak
+from ._solve_peak import PeakChoice, PeakTable, Span, prefixes, smallest_peak, solve_peak
 
-__all__ = ["PeakResult", "plan_peak", "PeakInfeasible"]
+__all__ = ["PeakResult", "plan_peak", "PeakInfeasible", "chosen_keys"]
 
 _TIGHTEN = 6
+# Whether plans may use segments (tests and benchmarks turn it off to compare).
+_SEGMENTS = True
 
 
 @dataclasses.dataclass(frozen=True)
 class PeakResult:
     options: tuple[int, ...]
     estimate: Any  # the StepMemory of the applied plan
+    segments: tuple[tuple[int, int], ...] = ()  # (first, last) block of each segment
 
 
 class PeakInfeasible(ValueError):
     """No plan's step peak fits; ``smallest`` is the StepMemory of the lowest plan found."""
 
-    def __init__(self, budget: int, smallest: Any, options: tuple[int, ...]) -> None:
+    def __init__(self, budget: int, smallest: Any, options: tuple[int, ...],
+                 segments: tuple[tuple[int, int], ...] = ()) -> None:
         super().__init__(f"no plan peaks at most {budget} bytes; the smallest peak is {smallest.peak_bytes} bytes")
         self.budget = budget
         self.smallest = smallest
         self.options = options
+        self.segments = segments
+
+
+def wrapped(model: nn.Module, measured: Measurement, options: Sequence[int],
+            segments: Sequence[tuple[int, int]] = ()) -> list[tuple[str, nn.Module]]:
+    """(name, what replaces it) of each block that the plan runs otherwise than as it is:
+    block ``k`` by option ``options[k]``, blocks ``first .. last`` as one segment."""
+    blocks = measured.blocks
+    out = []
+    members = {k for first, last in segments for k in range(first, last + 1)}
+    for first, last in segments:
+        names = [blocks[k].name for k in range(first, last + 1)]
+        out.extend(zip(names, wrap_segment([model.get_submodule(name) for name in names])))
+    for k, (block, a) in enumerate(zip(blocks, options)):
+        if k not in members and block.options[a].kind != "none":
+            out.append((block.name, wrap(model.get_submodule(block.name), block.options[a])))
+    return out
+
+
+def chosen_keys(measured: Measurement, options: Sequence[int],
+                segments: Sequence[tuple[int, int]] = ()) -> list[frozenset[int]]:
+    """The storage keys each block saves under the plan (a segment's later blocks: not the
+    input they chain from their predecessor)."""
+    later = {k for first, last in segments for k in range(first + 1, last + 1)}
+    return [b.saved[a] - b.chained if k in later else b.saved[a] for k, (b, a) in enumerate(zip(measured.blocks, options))]
 
 
 @contextlib.contextmanager
-def applied(model: nn.Module, measured: Measurement, options: Sequence[int]):
-    """``model`` with block ``k`` run by option ``options[k]``, put back as it was afterwards."""
+def applied(model: nn.Module, measured: Measurement, options: Sequence[int],
+            segments: Sequence[tuple[int, int]] = ()):
+    """``model`` run as :func:`wrapped` says, put back as it was afterwards."""
     swapped = []
     try:
-        for block, a in zip(measured.blocks, options):
-            option = block.options[a]
-            if option.kind == "none":
-                continue
-            parent_name, _, child = block.name.rpartition(".")
+        for name, replacement in wrapped(model, measured, options, segments):
+            parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            original = getattr(parent, child)
-            setattr(parent, child, wrap(original, option))
-            swapped.append((parent, child, original))
+            swapped.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, replacement)
         yield model
     finally:
         for parent, child, original in reversed(swapped):
@@ -80,23 +107,25 @@ def plan_peak(model: nn.Module, measured: Measurement, table: Table, budget: int
         choice = solve_peak(peaks, target)
         if choice is None:
             break
-        if choice.options not in tried:
-            with applied(model, measured, choice.options):
-                tried[choice.options] = estimate(model)
-        step = tried[choice.options]
+        plan = (choice.options, choice.segments)
+        if plan not in tried:
+            with applied(model, measured, *plan):
+                tried[plan] = estimate(model)
+        step = tried[plan]
         if step.peak_bytes <= budget:
-            return PeakResult(choice.options, step)
+            return PeakResult(choice.options, step, choice.segments)
         target -= max(step.peak_bytes - budget, 1)
     raise _infeasible(model, measured, peaks, budget, estimate, tried)
 
 
 def _infeasible(model, measured, peaks: PeakTable, budget: int, estimate, tried) -> PeakInfeasible:
     lowest: PeakChoice = smallest_peak(peaks)
-    if lowest.options not in tried:
-        with applied(model, measured, lowest.options):
-            tried[lowest.options] = estimate(model)
-    options, step = min(tried.items(), key=lambda item: (item[1].peak_bytes, item[0]))
-    return PeakInfeasible(budget, step, options)
+    plan = (lowest.options, lowest.segments)
+    if plan not in tried:
+        with applied(model, measured, *plan):
+            tried[plan] = estimate(model)
+    (options, segments), step = min(tried.items(), key=lambda item: (item[1].peak_bytes, item[0]))
+    return PeakInfeasible(budget, step, options, segments)
 
 
 def pose_peaks(model: nn.Module, measured: Measurement, table: Table, estimate) -> PeakTable:
@@ -162,13 +191,67 @@ def pose_peaks(model: nn.Module, measured: Measurement, table: Table, estimate) 
                 delta = [got[0] - base[k][0], got[1] - base[k][1]]
                 key = (kind, options[k])
                 added[key] = [max(a, d) for a, d in zip(added.get(key, delta), delta)]
-    within = [None] * n
+    # (forward, backward) peak of block k run by option b, less the prefix
+    parts: list[list[tuple[int, int]]] = [[] for _ in blocks]
     for kind, ks in enumerate(kinds.values()):
         for k in ks:
-            within[k] = tuple(
-                max(base[k][0] + added.get((kind, b), (0, 0))[0], base[k][1] + added.get((kind, b), (0, 0))[1])
-                for b in range(len(blocks[k].options)))
-    return PeakTable(table, tuple(within), tuple(floor if v is None else v for v in after))
+            parts[k] = [(base[k][0] + added.get((kind, b), (0, 0))[0], base[k][1] + added.get((kind, b), (0, 0))[1])
+                        for b in range(len(blocks[k].options))]
+    after = [floor if v is None else v for v in after]
+    within = tuple(tuple(max(f, b) for f, b in row) for row in parts)
+    return PeakTable(table, within, tuple(after), _spans(measured, table, parts, after) if _SEGMENTS else ())
+
+
+def _spans(measured: Measurement, table: Table, parts, after: list[int]) -> tuple[Span, ...]:
+    """Every segment the chain allows: blocks ``i .. j`` each with a full checkpoint, each
+    block after ``i`` fed by its predecessor's output (``BlockMeasure.chained``).
+
+    A segment saves the first block's full-checkpoint set and, of each later block's, what
+    is not its chained input. Its moments, above the prefix before it: block ``m``'s forward
+    with the segment's saved bytes of the blocks before ``m``; and once its recomputation
+    has begun (the last block's first unpack reruns them all), block ``m``'s recomputation
+    and backward (the larger of its full-checkpoint and no-checkpoint backward figures) or
+    the moment before it, with the whole segment's saved bytes and the no-checkpoint saved
+    bytes of blocks ``i .. m - 1``, recomputed and waiting for their backward. Its cost: the
+    last block's full-checkpoint recompute, and the whole forward of each block before it
+    (whose output the next one needs)."""
+    blocks = measured.blocks
+    n = len(blocks)
+    always = always_saved(measured.outside, [b.saved for b in blocks])
+    sizes = measured.sizes
+
+    def nbytes(keys) -> int:
+        return sum(sizes[k] for k in keys if k not in always)
+
+    full = [next((a for a, o in enumerate(b.options) if o.kind == "checkpoint" and o.policy is None), None) for b in blocks]
+    spans = []
+    for i in range(n):
+        if full[i] is None:
+            continue
+        keys = set(blocks[i].saved[full[i]])
+        shared = nbytes(keys & blocks[i].saved[0])  # the input the first block's own ops save too
+        cost = table.options[i][full[i]][1]
+        forward = parts[i][full[i]][0]
+        backward = max(parts[i][full[i]][1], parts[i][0][1])
+        recomputed = 0  # no-checkpoint saved bytes of blocks i .. j - 1
+        for j in range(i + 1, n):
+            if full[j] is None or not blocks[j].chained:
+                break
+            forward = max(forward, nbytes(keys) + parts[j][full[j]][0])
+            recomputed += table.options[j - 1][0][0] - (table.overlap[j - 2][0][0] if j - 1 > i else 0)
+            here = max(after[j], parts[j][full[j]][1], parts[j][0][1])
+            backward = max(backward, recomputed - shared + here)
+            own = blocks[j].saved[full[j]] - blocks[j].chained
+            keys |= own
+            # Block j - 1 now feeds block j: its recomputation runs to its end (a full
+            # checkpoint stops at its last saved tensor, often before its last matmul).
+            whole = (blocks[j - 1].forward_flops, *table.options[j - 1][full[j - 1]][1][1:])
+            cost = tuple(x - y + z for x, y, z in zip(cost, table.options[j - 1][full[j - 1]][1], whole))
+            cost = tuple(x + y for x, y in zip(cost, table.options[j][full[j]][1]))
+            following = blocks[j + 1].saved if j + 1 < n else ()
+            spans.append(Span(i, j, nbytes(keys), cost, max(forward, nbytes(keys) + backward), full[i],
+                              tuple(nbytes(own & other) for other in following)))
+    return tuple(spans)
 
 
 def _moments(timeline, index: dict[str, int], n: int):
