@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ckpt_compile as cc
 import compile_corpus
+from ckpt_compile.planner import _peak
 from ckpt_compile.planner._solve import Table
 from ckpt_compile.planner._solve_peak import (
     PeakTable, Span, _every_choice, brute_force_peak, peak_of, smallest_peak, solve_peak,
@@ -88,6 +89,58 @@ def test_peak_sweep_never_over_monotonic_and_beats_the_ladder(name):
                 assert flops <= ladder_flops, (name, budget, n, flops, ladder_flops)
     # The top of the sweep is the no-checkpoint peak: nothing recomputed.
     assert plan.predicted_recompute_flops == 0
+
+
+def _without_segments(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setattr(_peak, "_SEGMENTS", False)
+        return fn()
+
+
+def test_segments_never_cost_more_and_reach_below_every_other_plan(monkeypatch):
+    """With segments available the plan at a budget never costs more recompute than the
+    best plan without them (and measures under the budget, its FLOPs as predicted); on the
+    corpus GPT a segment reaches a step peak no per-block choice reaches."""
+    model, x = _build("gpt")
+    none_peak = cc.estimate_memory(model, x, optimizer=ADAMW).peak_bytes
+    low = _smallest_peak(model, x)
+    low_without = _without_segments(monkeypatch, lambda: _smallest_peak(model, x))
+    assert low < low_without  # by the input of one block (8 x 64 x 32 floats) here
+    baseline_flops = _recompute_flops(copy.deepcopy(model), x, 0)
+    for i in range(5):
+        budget = low + (none_peak - low) * i // 8
+        plan = cc.plan(model, x, peak_memory=budget, optimizer=ADAMW)
+        applied = plan.apply(copy.deepcopy(model))
+        assert measured(applied, x, ADAMW).peak_bytes <= budget
+        assert _recompute_flops(applied, x, baseline_flops) == plan.predicted_recompute_flops
+        if budget < low_without:
+            with pytest.raises(ValueError, match="below the smallest feasible step peak"):
+                _without_segments(monkeypatch, lambda: cc.plan(model, x, peak_memory=budget, optimizer=ADAMW))
+            assert any(r.segment for r in plan.blocks), str(plan)
+            assert "segment blocks.0-1" in str(plan) and plan.to_dict()["blocks"][0]["segment"] == ["blocks.0", "blocks.1"]
+            continue
+        without = _without_segments(monkeypatch, lambda: cc.plan(model, x, peak_memory=budget, optimizer=ADAMW))
+        assert plan.predicted_recompute_flops <= without.predicted_recompute_flops, (str(plan), str(without))
+
+
+@pytest.mark.parametrize("optimizer", [ADAMW, functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)],
+                         ids=["adamw", "sgd"])
+def test_a_plan_verified_without_the_optimizer_step_is_the_full_estimate(optimizer):
+    """plan() verifies a plan with a step that skips the optimizer's (taken once, from its
+    first estimate): the same peak, phase, module, breakdown and timeline as estimate_memory."""
+    from ckpt_compile.planner._blocks import find_blocks
+    from ckpt_compile.planner._measure import measure, options_for
+
+    model, x = _build("gpt")
+    found = measure(model, (x,), {}, find_blocks(model, None), lambda names: options_for(names, False))
+    first = cc.estimate_memory(model, x, optimizer=optimizer)
+    for options, segments in [((1, 2, 3), ()), ((1, 1, 0), ((0, 1),)), ((1, 1, 1), ((0, 2),))]:
+        with _peak.applied(model, found, options, segments):
+            want = cc.estimate_memory(model, x, optimizer=optimizer)
+            got = _peak._with_optimizer_of(cc.estimate_memory(model, x), first)
+        fields = ("peak_bytes", "start_bytes", "peak_phase", "peak_module", "breakdown")
+        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+        assert [p[1:] for p in got.timeline] == [p[1:] for p in want.timeline]
 
 
 def test_plan_text_and_json_show_the_peak():

@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import nn
 
+from ckpt_compile.memory import CATEGORIES
+
 from ._measure import Measurement, wrap, wrap_segment
 from ._pose import always_saved
 from ._solve import Table
@@ -100,36 +102,57 @@ def plan_peak(model: nn.Module, measured: Measurement, table: Table, budget: int
     """The cheapest per-block choice whose estimated step peak is <= ``budget``.
     ``estimate(model, with_optimizer=True)`` is ``cc.estimate_memory`` of one step of
     ``model`` as it is (without its optimizer step when False)."""
-    peaks = pose_peaks(model, measured, table, estimate)
+    peaks, first = pose_peaks(model, measured, table, estimate)
     target = budget
-    tried: dict[tuple[int, ...], Any] = {}
+    # The plan's estimate: a step without the optimizer's, whose state and step do not
+    # depend on the plan (about half of an estimate's time with AdamW), taken from the
+    # first pose run (``_with_optimizer_of``): the same figures as ``estimate(model)``.
+    tried: dict[tuple, Any] = {(tuple(0 for _ in measured.blocks), ()): first}
+
+    def verify(plan) -> Any:
+        if plan not in tried:
+            with applied(model, measured, *plan):
+                tried[plan] = _with_optimizer_of(estimate(model, with_optimizer=False), first)
+        return tried[plan]
+
     for _ in range(_TIGHTEN):
         choice = solve_peak(peaks, target)
         if choice is None:
             break
-        plan = (choice.options, choice.segments)
-        if plan not in tried:
-            with applied(model, measured, *plan):
-                tried[plan] = estimate(model)
-        step = tried[plan]
+        step = verify((choice.options, choice.segments))
         if step.peak_bytes <= budget:
             return PeakResult(choice.options, step, choice.segments)
         target -= max(step.peak_bytes - budget, 1)
-    raise _infeasible(model, measured, peaks, budget, estimate, tried)
-
-
-def _infeasible(model, measured, peaks: PeakTable, budget: int, estimate, tried) -> PeakInfeasible:
     lowest: PeakChoice = smallest_peak(peaks)
-    plan = (lowest.options, lowest.segments)
-    if plan not in tried:
-        with applied(model, measured, *plan):
-            tried[plan] = estimate(model)
+    verify((lowest.options, lowest.segments))
     (options, segments), step = min(tried.items(), key=lambda item: (item[1].peak_bytes, item[0]))
-    return PeakInfeasible(budget, step, options, segments)
+    raise PeakInfeasible(budget, step, options, segments)
 
 
-def pose_peaks(model: nn.Module, measured: Measurement, table: Table, estimate) -> PeakTable:
-    """The :class:`PeakTable` of the module docstring.
+def _with_optimizer_of(step: Any, first: Any) -> Any:
+    """``step``, estimated without the optimizer step, as the estimate with it: the
+    optimizer's state (``first.start_bytes - step.start_bytes``) alive throughout, then
+    ``first``'s optimizer phase (what is alive then, parameters, gradients, state and the
+    step's temporaries, does not depend on the plan), which begins where ``step`` ends.
+    The peak is the first of the highest points, as the tracker keeps it (the optimizer
+    phase's points keep ``first``'s operator counts, ``at``)."""
+    state = first.start_bytes - step.start_bytes
+    slot = CATEGORIES.index("optimizer_state")
+    timeline = [point._replace(bytes=tuple(v + state if i == slot else v for i, v in enumerate(point.bytes)))
+                for point in step.timeline]
+    tail = [point for point in first.timeline if point.phase == "optimizer"]
+    if tail and timeline and timeline[-1].bytes == tail[0].bytes:
+        timeline.pop()  # the end of the backward, which the optimizer phase's first point is
+    timeline += tail
+    high = max(timeline, key=lambda point: point.total)  # max() keeps the first
+    return dataclasses.replace(step, peak_bytes=high.total, start_bytes=first.start_bytes, peak_phase=high.phase,
+                               peak_module=high.module, breakdown=dict(zip(CATEGORIES, high.bytes)),
+                               timeline=tuple(timeline))
+
+
+def pose_peaks(model: nn.Module, measured: Measurement, table: Table, estimate) -> tuple[PeakTable, Any]:
+    """The :class:`PeakTable` of the module docstring, and the estimate of the step with no
+    checkpoint (its first run, the only one that takes the optimizer step).
 
     Identical blocks are measured once: a block's peak under an option is its peak with no
     checkpoint (one run of the whole step, which also gives every moment between blocks)
@@ -199,7 +222,8 @@ def pose_peaks(model: nn.Module, measured: Measurement, table: Table, estimate) 
                         for b in range(len(blocks[k].options))]
     after = [floor if v is None else v for v in after]
     within = tuple(tuple(max(f, b) for f, b in row) for row in parts)
-    return PeakTable(table, within, tuple(after), _spans(measured, table, parts, after) if _SEGMENTS else ())
+    spans = _spans(measured, table, parts, after) if _SEGMENTS else ()
+    return PeakTable(table, within, tuple(after), spans), first
 
 
 def _spans(measured: Measurement, table: Table, parts, after: list[int]) -> tuple[Span, ...]:
