@@ -12,7 +12,10 @@ step). Less that prefix's saved bytes (the measured storage sets of ``_measure``
 do (a storage two neighbours share, a temporary that outlives a block), the plan's
 estimate says so and the solver is run again under a budget lowered by the excess
 (``_TIGHTEN`` times at most), so that a returned plan is never over its budget as
-``cc.estimate_memory`` estimates it.
+``cc.estimate_memory`` estimates it (:func:`_with_optimizer_of`: without re-running the
+optimizer step, which no plan changes). Segments (one checkpoint over consecutive blocks,
+``eager._segment``) are posed from the same figures as :class:`~._solve_peak.Span` items
+(:func:`_spans`).
 """
 from __future__ import annotations
 

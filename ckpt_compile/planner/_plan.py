@@ -229,8 +229,13 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
     of each block, the loss and the start of the backward, each block's backward and
     recomputation with the saved bytes of the blocks before it, the optimizer step), and
     the chosen plan is verified with ``cc.estimate_memory`` (re-solved under a tighter
-    budget while over), so its estimated peak never exceeds ``peak_memory``. Not yet:
-    merging consecutive blocks into one checkpointed segment.
+    budget while over), so its estimated peak never exceeds ``peak_memory``. For a peak the
+    plan may also put consecutive blocks in one segment: one checkpoint over them that saves
+    the first block's inputs only and, in backward, recomputes them all at once (each block
+    after the first must take the previous block's output as it is; ``str(plan)`` shows
+    ``segment blocks.0-3`` on each of its rows, ``BlockChoice.segment`` names its first and
+    last blocks). A segment recomputes at least what full checkpointing of its blocks
+    does, so it is chosen only where nothing cheaper fits.
 
     Hugging Face models: pass ``use_cache=False`` (or set it in the config), as for any
     checkpointing: a KV cache changes between the calls the planner measures.
