@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import functools
+import itertools
 import math
 import random
 import re
@@ -141,6 +142,27 @@ def test_a_plan_verified_without_the_optimizer_step_is_the_full_estimate(optimiz
         fields = ("peak_bytes", "start_bytes", "peak_phase", "peak_module", "breakdown")
         assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
         assert [p[1:] for p in got.timeline] == [p[1:] for p in want.timeline]
+
+
+@pytest.mark.parametrize("name", ["gpt", "mlp"])
+def test_the_peak_model_of_a_segment_is_the_estimate(name):
+    """Every segment the table poses, beside full or no checkpointing of the other blocks:
+    the solver's peak formula gives the estimate of the applied plan (exact on these)."""
+    from ckpt_compile.planner._blocks import find_blocks
+    from ckpt_compile.planner._measure import measure, options_for
+    from ckpt_compile.planner._pose import pose
+
+    model, x = _build(name)
+    found = measure(model, (x,), {}, find_blocks(model, None), lambda names: options_for(names, False))
+    table = pose(found.sizes, found.outside, [b.saved for b in found.blocks])
+    peaks, _ = _peak.pose_peaks(model, found, table, lambda m, with_optimizer=True: cc.estimate_memory(
+        m, x, optimizer=ADAMW if with_optimizer else None))
+    assert {(s.first, s.last) for s in peaks.spans} == {(i, j) for i in range(3) for j in range(i + 1, 3)}
+    for span, other in itertools.product(peaks.spans, (0, 1)):
+        options = tuple(1 if span.first <= k <= span.last else other for k in range(3))
+        with _peak.applied(model, found, options, ((span.first, span.last),)):
+            estimated = cc.estimate_memory(model, x, optimizer=ADAMW).peak_bytes
+        assert peak_of(peaks, options, ((span.first, span.last),))[0] == estimated, (span, other)
 
 
 def test_plan_text_and_json_show_the_peak():

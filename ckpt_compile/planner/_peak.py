@@ -259,16 +259,18 @@ def _spans(measured: Measurement, table: Table, parts, after: list[int]) -> tupl
         shared = nbytes(keys & blocks[i].saved[0])  # the input the first block's own ops save too
         cost = table.options[i][full[i]][1]
         forward = parts[i][full[i]][0]
-        backward = max(parts[i][full[i]][1], parts[i][0][1])
+        # A block's full-checkpoint backward figure holds what it saves, counted in the
+        # segment's saved bytes already.
+        backward = max(parts[i][full[i]][1] - nbytes(keys), parts[i][0][1])
         recomputed = 0  # no-checkpoint saved bytes of blocks i .. j - 1
         for j in range(i + 1, n):
             if full[j] is None or not blocks[j].chained:
                 break
             forward = max(forward, nbytes(keys) + parts[j][full[j]][0])
             recomputed += table.options[j - 1][0][0] - (table.overlap[j - 2][0][0] if j - 1 > i else 0)
-            here = max(after[j], parts[j][full[j]][1], parts[j][0][1])
-            backward = max(backward, recomputed - shared + here)
             own = blocks[j].saved[full[j]] - blocks[j].chained
+            here = max(after[j], parts[j][full[j]][1] - nbytes(own), parts[j][0][1])
+            backward = max(backward, recomputed - shared + here)
             keys |= own
             # Block j - 1 now feeds block j: its recomputation runs to its end (a full
             # checkpoint stops at its last saved tensor, often before its last matmul).
