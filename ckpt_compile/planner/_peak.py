@@ -101,11 +101,13 @@ def applied(model: nn.Module, measured: Measurement, options: Sequence[int],
 
 
 def plan_peak(model: nn.Module, measured: Measurement, table: Table, budget: int,
-              estimate: Callable[..., Any]) -> PeakResult:
+              estimate: Callable[..., Any], segments: bool = True, sharded: bool = False) -> PeakResult:
     """The cheapest per-block choice whose estimated step peak is <= ``budget``.
     ``estimate(model, with_optimizer=True)`` is ``cc.estimate_memory`` of one step of
-    ``model`` as it is (without its optimizer step when False)."""
-    peaks, first = pose_peaks(model, measured, table, estimate)
+    ``model`` as it is (without its optimizer step when False); ``segments``: whether
+    consecutive blocks may share one checkpoint; ``sharded`` (FSDP2): check plans with
+    whole estimates (its sharding moves bytes at the end of the backward)."""
+    peaks, first = pose_peaks(model, measured, table, estimate, segments)
     target = budget
     # The plan's estimate: a step without the optimizer's, whose state and step do not
     # depend on the plan (about half of an estimate's time with AdamW), taken from the
@@ -115,7 +117,7 @@ def plan_peak(model: nn.Module, measured: Measurement, table: Table, budget: int
     def verify(plan) -> Any:
         if plan not in tried:
             with applied(model, measured, *plan):
-                tried[plan] = _with_optimizer_of(estimate(model, with_optimizer=False), first)
+                tried[plan] = estimate(model) if sharded else _with_optimizer_of(estimate(model, with_optimizer=False), first)
         return tried[plan]
 
     for _ in range(_TIGHTEN):
@@ -153,7 +155,8 @@ def _with_optimizer_of(step: Any, first: Any) -> Any:
                                timeline=tuple(timeline))
 
 
-def pose_peaks(model: nn.Module, measured: Measurement, table: Table, estimate) -> tuple[PeakTable, Any]:
+def pose_peaks(model: nn.Module, measured: Measurement, table: Table, estimate,
+               segments: bool = True) -> tuple[PeakTable, Any]:
     """The :class:`PeakTable` of the module docstring, and the estimate of the step with no
     checkpoint (its first run, the only one that takes the optimizer step).
 
@@ -225,7 +228,7 @@ def pose_peaks(model: nn.Module, measured: Measurement, table: Table, estimate) 
                         for b in range(len(blocks[k].options))]
     after = [floor if v is None else v for v in after]
     within = tuple(tuple(max(f, b) for f, b in row) for row in parts)
-    spans = _spans(measured, table, parts, after) if _SEGMENTS else ()
+    spans = _spans(measured, table, parts, after) if segments and _SEGMENTS else ()
     return PeakTable(table, within, tuple(after), spans), first
 
 

@@ -235,7 +235,9 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
     after the first must take the previous block's output as it is; ``str(plan)`` shows
     ``segment blocks.0-3`` on each of its rows, ``BlockChoice.segment`` names its first and
     last blocks). A segment recomputes at least what full checkpointing of its blocks
-    does, so it is chosen only where nothing cheaper fits.
+    does, so it is chosen only where nothing cheaper fits. None with ``world_size > 1``
+    (FSDP2 reshards a block's parameters after its forward; a segment reruns earlier blocks
+    inside a later one's backward) or with ``memory_budget``.
 
     Hugging Face models: pass ``use_cache=False`` (or set it in the config), as for any
     checkpointing: a KV cache changes between the calls the planner measures.
@@ -283,7 +285,10 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
                                    loss_fn=loss_fn, world_size=world_size, **example_kwargs)
 
         try:
-            result = plan_peak(model, measured, table, peak_budget, estimate)
+            # No segments under FSDP2: it reshards a block's parameters after its forward,
+            # and a segment's recomputation reruns earlier blocks inside a later one's backward.
+            result = plan_peak(model, measured, table, peak_budget, estimate, segments=world_size == 1,
+                               sharded=world_size > 1)
         except PeakInfeasible as e:
             raise ValueError(_infeasible_peak_message(peak_memory, peak_budget, e, measured, optimizer)) from None
         options, segments, budget, step = result.options, result.segments, None, result.estimate
