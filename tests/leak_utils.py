@@ -165,6 +165,37 @@ def _setup_wrapper(which: str, side: str):
     return setup
 
 
+def _setup_segment(side: str):
+    """Both blocks as one segment (what ``cc.plan`` applies): ours only; torch has no
+    segment over blocks its parent calls one by one, so its side is one checkpoint over
+    both blocks, called as one module."""
+    def setup(model):
+        if side == "ours":
+            from ckpt_compile.eager._segment import Segment
+
+            segment = Segment(len(model.blocks))
+            for i, block in enumerate(model.blocks):
+                model.blocks[i] = wrappers.checkpoint_wrapper(block, checkpoint_fn=segment.link(i))
+            return model
+        model.region = _plain
+        blocks = list(model.blocks)
+        model.blocks = nn.ModuleList([_Sequential(blocks), nn.Identity()])
+        return model
+
+    return setup
+
+
+class _Sequential(nn.Module):
+    """torch's checkpoint over the blocks in turn, as one module."""
+
+    def __init__(self, blocks) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(*blocks)
+
+    def forward(self, h):
+        return torch.utils.checkpoint.checkpoint(self.inner, h, use_reentrant=False)
+
+
 def _setup_composable(side: str):
     def setup(model):
         checkpoint = composable.checkpoint if side == "ours" else _torch_composable()
@@ -190,7 +221,7 @@ def _setup_compiled(side: str, inner: str = "eager"):
 _API = {"ours": cc, "torch": torch.utils.checkpoint}
 VARIANTS = (
     "non_reentrant", "reentrant", "selective", "offload_policy", "offload_these_names",
-    "checkpoint_wrapper", "offload_wrapper", "composable", "compiled",
+    "checkpoint_wrapper", "offload_wrapper", "composable", "segment", "compiled",
 )
 # Variants whose checkpointed block runs again in the backward (a recomputation to fail in).
 RECOMPUTING = frozenset(VARIANTS) - {"offload_wrapper", "compiled"}
@@ -214,6 +245,7 @@ def build(variant: str, side: str = "ours", *, inner: str = "eager"):
         "checkpoint_wrapper": _setup_wrapper("checkpoint_wrapper", side),
         "offload_wrapper": _setup_wrapper("offload_wrapper", side),
         "composable": _setup_composable(side),
+        "segment": _setup_segment(side),
         "compiled": _setup_compiled(side, inner),
     }
     return setups[variant](model), reference

@@ -8,6 +8,7 @@ import copy
 import json
 import functools
 import itertools
+import math
 import random
 import re
 
@@ -17,8 +18,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ckpt_compile as cc
 import compile_corpus
+from ckpt_compile.planner import _peak
 from ckpt_compile.planner._solve import Table
-from ckpt_compile.planner._solve_peak import PeakTable, brute_force_peak, peak_of, smallest_peak, solve_peak
+from ckpt_compile.planner._solve_peak import (
+    PeakTable, Span, _every_choice, brute_force_peak, peak_of, smallest_peak, solve_peak,
+)
 from memory_utils import measured
 
 ADAMW = torch.optim.AdamW
@@ -88,6 +92,79 @@ def test_peak_sweep_never_over_monotonic_and_beats_the_ladder(name):
     assert plan.predicted_recompute_flops == 0
 
 
+def _without_segments(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setattr(_peak, "_SEGMENTS", False)
+        return fn()
+
+
+def test_segments_never_cost_more_and_reach_below_every_other_plan(monkeypatch):
+    """With segments available the plan at a budget never costs more recompute than the
+    best plan without them (and measures under the budget, its FLOPs as predicted); on the
+    corpus GPT a segment reaches a step peak no per-block choice reaches."""
+    model, x = _build("gpt")
+    none_peak = cc.estimate_memory(model, x, optimizer=ADAMW).peak_bytes
+    low = _smallest_peak(model, x)
+    low_without = _without_segments(monkeypatch, lambda: _smallest_peak(model, x))
+    assert low < low_without  # by the input of one block (8 x 64 x 32 floats) here
+    baseline_flops = _recompute_flops(copy.deepcopy(model), x, 0)
+    for i in range(5):
+        budget = low + (none_peak - low) * i // 8
+        plan = cc.plan(model, x, peak_memory=budget, optimizer=ADAMW)
+        applied = plan.apply(copy.deepcopy(model))
+        assert measured(applied, x, ADAMW).peak_bytes <= budget
+        assert _recompute_flops(applied, x, baseline_flops) == plan.predicted_recompute_flops
+        if budget < low_without:
+            with pytest.raises(ValueError, match="below the smallest feasible step peak"):
+                _without_segments(monkeypatch, lambda: cc.plan(model, x, peak_memory=budget, optimizer=ADAMW))
+            assert any(r.segment for r in plan.blocks), str(plan)
+            assert "segment blocks.0-1" in str(plan) and plan.to_dict()["blocks"][0]["segment"] == ["blocks.0", "blocks.1"]
+            continue
+        without = _without_segments(monkeypatch, lambda: cc.plan(model, x, peak_memory=budget, optimizer=ADAMW))
+        assert plan.predicted_recompute_flops <= without.predicted_recompute_flops, (str(plan), str(without))
+
+
+@pytest.mark.parametrize("optimizer", [ADAMW, functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)],
+                         ids=["adamw", "sgd"])
+def test_a_plan_verified_without_the_optimizer_step_is_the_full_estimate(optimizer):
+    """plan() verifies a plan with a step that skips the optimizer's (taken once, from its
+    first estimate): the same peak, phase, module, breakdown and timeline as estimate_memory."""
+    from ckpt_compile.planner._blocks import find_blocks
+    from ckpt_compile.planner._measure import measure, options_for
+
+    model, x = _build("gpt")
+    found = measure(model, (x,), {}, find_blocks(model, None), lambda names: options_for(names, False))
+    first = cc.estimate_memory(model, x, optimizer=optimizer)
+    for options, segments in [((1, 2, 3), ()), ((1, 1, 0), ((0, 1),)), ((1, 1, 1), ((0, 2),))]:
+        with _peak.applied(model, found, options, segments):
+            want = cc.estimate_memory(model, x, optimizer=optimizer)
+            got = _peak._with_optimizer_of(cc.estimate_memory(model, x), first)
+        fields = ("peak_bytes", "start_bytes", "peak_phase", "peak_module", "breakdown")
+        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+        assert [p[1:] for p in got.timeline] == [p[1:] for p in want.timeline]
+
+
+@pytest.mark.parametrize("name", ["gpt", "mlp"])
+def test_the_peak_model_of_a_segment_is_the_estimate(name):
+    """Every segment the table poses, beside full or no checkpointing of the other blocks:
+    the solver's peak formula gives the estimate of the applied plan (exact on these)."""
+    from ckpt_compile.planner._blocks import find_blocks
+    from ckpt_compile.planner._measure import measure, options_for
+    from ckpt_compile.planner._pose import pose
+
+    model, x = _build(name)
+    found = measure(model, (x,), {}, find_blocks(model, None), lambda names: options_for(names, False))
+    table = pose(found.sizes, found.outside, [b.saved for b in found.blocks])
+    peaks, _ = _peak.pose_peaks(model, found, table, lambda m, with_optimizer=True: cc.estimate_memory(
+        m, x, optimizer=ADAMW if with_optimizer else None))
+    assert {(s.first, s.last) for s in peaks.spans} == {(i, j) for i in range(3) for j in range(i + 1, 3)}
+    for span, other in itertools.product(peaks.spans, (0, 1)):
+        options = tuple(1 if span.first <= k <= span.last else other for k in range(3))
+        with _peak.applied(model, found, options, ((span.first, span.last),)):
+            estimated = cc.estimate_memory(model, x, optimizer=ADAMW).peak_bytes
+        assert peak_of(peaks, options, ((span.first, span.last),))[0] == estimated, (span, other)
+
+
 def test_plan_text_and_json_show_the_peak():
     model, x = _build("gpt")
     budget = _smallest_peak(model, x) + 2**16
@@ -152,23 +229,31 @@ def test_budget_arguments():
 # ---------------------------------------------------------------- the solver
 
 
-def _random_peaks(rng: random.Random, n: int) -> PeakTable:
+def _random_peaks(rng: random.Random, n: int, spans_too: bool) -> PeakTable:
     options = tuple(tuple((rng.randint(0, 20), (rng.randint(0, 9), rng.randint(0, 3))) for _ in range(rng.randint(1, 3)))
                     for _ in range(n))
     overlap = tuple(tuple(tuple(min(rng.choice((0, 0, 2)), options[i][a][0], options[i + 1][b][0])
                                 for b in range(len(options[i + 1]))) for a in range(len(options[i])))
                     for i in range(n - 1))
     within = tuple(tuple(rng.randint(0, 30) for _ in opts) for opts in options)
-    return PeakTable(Table(0, options, overlap), within, tuple(rng.randint(0, 30) for _ in range(n + 1)))
+    # Segments: some runs of 2 or more blocks, saving little, peaking high, costing their blocks'.
+    spans = tuple(
+        Span(i, j, rng.randint(0, 8), (rng.randint(0, 20), rng.randint(0, 5)), rng.randint(0, 60),
+             rng.randrange(len(options[i])),
+             tuple(rng.choice((0, 0, 1)) for _ in options[j + 1]) if j + 1 < n else ())
+        for i in range(n) for j in range(i + 1, n) if spans_too and rng.random() < 0.4)
+    return PeakTable(Table(0, options, overlap), within, tuple(rng.randint(0, 30) for _ in range(n + 1)), spans)
 
 
-def test_peak_solver_matches_brute_force():
+@pytest.mark.parametrize("spans_too", [False, True], ids=["blocks", "segments"])
+def test_peak_solver_matches_brute_force(spans_too):
     rng = random.Random(0)
     for _ in range(300):
-        peaks = _random_peaks(rng, rng.randint(0, 5))
+        peaks = _random_peaks(rng, rng.randint(0, 5), spans_too)
         lowest = smallest_peak(peaks)
-        every = [peak_of(peaks, o)[0] for o in itertools.product(*(range(len(o)) for o in peaks.table.options))]
-        assert lowest.peak == min(every) == peak_of(peaks, lowest.options)[0]
+        every = [peak_of(peaks, o, sg)[0] for o, sg in _every_choice(peaks)]
+        assert len(every) >= math.prod(len(o) for o in peaks.table.options)
+        assert lowest.peak == min(every) == peak_of(peaks, lowest.options, lowest.segments)[0]
         for budget in range(lowest.peak - 2, max(every) + 2):
             got, want = solve_peak(peaks, budget), brute_force_peak(peaks, budget)
             if want is None:
@@ -176,7 +261,7 @@ def test_peak_solver_matches_brute_force():
                 continue
             # Equal (cost, peak) may come from another choice: the figures must agree.
             assert (got.cost, got.peak) == (want.cost, want.peak), (peaks, budget)
-            assert peak_of(peaks, got.options) == (got.peak, got.cost)
+            assert peak_of(peaks, got.options, got.segments) == (got.peak, got.cost)
 
 
 # ---------------------------------------------------------------- the command line

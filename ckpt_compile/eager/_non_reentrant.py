@@ -124,8 +124,12 @@ class _Frame:
         slot.by_call[call] = _CONSUMED  # hand it out once, then let it go
         return value
 
-    def _recompute(self, call: Any) -> None:
+    def _recompute(self, call: Any, keep_output: bool = False) -> Any:
+        """Rerun the region for backward ``call``, filling its slots; with ``keep_output``
+        it runs to the end (no early stop) and returns what the region returned (a
+        segment's next block needs it, ``_segment``)."""
         expected = len(self.slots)
+        early_stop = self.early_stop and not keep_output
         count = 0
         mismatches: list[str] = []
 
@@ -152,18 +156,19 @@ class _Frame:
                 after = self.metadata_fn(x)
                 if before != after:
                     mismatches.append(_describe_mismatch(index, before, after))
-            if self.early_stop and count == expected:
+            if early_stop and count == expected:
                 raise _StopRecomputation
             return x
 
-        args = [a.unpack() if isinstance(a, SavedTensor) else a for a in self.inputs]
+        args = self._recompute_args(call)
+        out = None
         # Checkpointing's own hook too: a nested region rerun here must find the user's
         # hooks beneath it, not this one (see ``_Frame._checkpoint_internal``).
         pack_recomputed._checkpoint_internal = True
         pack_recomputed._user_hooks = _current_user_saved_tensors_hooks()
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack_recomputed, _identity), torch.enable_grad():
-                _run_fn_with_dynamo_disabled(self.run, *args)
+                out = _run_fn_with_dynamo_disabled(self.run, *args)
         except _StopRecomputation:
             pass
         finally:
@@ -182,6 +187,11 @@ class _Frame:
                 "different metadata than during the forward pass.\n"
                 + "".join(mismatches).rstrip("\n") + self._tip()
             )
+        return out
+
+    def _recompute_args(self, call: Any) -> list:
+        """The region's inputs for the recomputation of backward ``call``."""
+        return [a.unpack() if isinstance(a, SavedTensor) else a for a in self.inputs]
 
     def _tip(self) -> str:
         # In debug mode the error already carries the operator traces the tip points to.

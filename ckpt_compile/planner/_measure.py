@@ -37,7 +37,7 @@ from ckpt_compile.eager._misuse import model_call_error
 
 from ._count import _Counter
 
-__all__ = ["Option", "BlockMeasure", "Measurement", "measure", "options_for", "wrap"]
+__all__ = ["Option", "BlockMeasure", "Measurement", "measure", "options_for", "wrap", "wrap_segment"]
 
 
 # Option kinds, and the policies an option may name (each to the policy it builds from its arguments).
@@ -97,6 +97,9 @@ class BlockMeasure:
     recompute_flops: tuple[int, ...]
     recompute_elements: tuple[int, ...]
     forward_flops: int
+    # The storage keys of the inputs that are, by identity, what the block called just
+    # before it returned (``x = block(x)`` in the parent's loop): a segment recomputes them.
+    chained: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +138,16 @@ def wrap(module: nn.Module, option: Option) -> nn.Module:
     return checkpoint_wrapper(module, context_fn=context_fn)
 
 
+def wrap_segment(modules: list[nn.Module]) -> list[nn.Module]:
+    """Consecutive blocks as one segment (``eager._segment``): one checkpoint that saves the
+    first block's inputs only; each block becomes a ``CheckpointWrapper``."""
+    from ckpt_compile.eager._segment import Segment
+    from ckpt_compile.modules.wrappers import checkpoint_wrapper
+
+    segment = Segment(len(modules))
+    return [checkpoint_wrapper(m, checkpoint_fn=segment.link(p)) for p, m in enumerate(modules)]
+
+
 def measure(
     model: nn.Module,
     args: tuple,
@@ -164,7 +177,9 @@ def measure(
         depth[0] -= 1
         recorder.busy = True
         try:
-            found.append(_measure_block(recorder, name, module, hook_args, hook_kwargs, output, options))
+            chained = _chained(recorder, hook_args, hook_kwargs, output)
+            found.append(dataclasses.replace(
+                _measure_block(recorder, name, module, hook_args, hook_kwargs, output, options), chained=chained))
         except Exception as e:
             failed.append(name)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -340,6 +355,16 @@ def _run_option(recorder, module, option, args, kwargs, real_outputs):
     return keys, forward.flops, counter.flops, counter.elements, forward.names
 
 
+def _chained(recorder, args, kwargs, output) -> frozenset[int]:
+    """Keys of the inputs that are the previous block call's outputs, unmodified; remembers
+    this call's outputs for the next (what ``eager._segment`` chains at run time)."""
+    previous, recorder.last_outputs = recorder.last_outputs, [
+        (t, t._version) for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+    inputs = [*args, *kwargs.values()]
+    return frozenset(recorder.key(a) for a in inputs if isinstance(a, torch.Tensor)
+                     and any(a is t and a._version == v for t, v in previous))
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -355,6 +380,7 @@ class _Recorder:
         self.busy = False
         self.counted = 0  # FLOPs of the option runs (nested inside the model's forward)
         self.measured: dict[tuple, tuple] = {}  # block signature -> its figures
+        self.last_outputs: list = []  # (tensor, version) returned by the last block call
 
     def new_key(self, nbytes: int) -> int:
         """A key for a storage of a repeated block that was not run (see _measure_block)."""

@@ -37,8 +37,8 @@ from ckpt_compile.eager._misuse import check_needs_grad
 from ckpt_compile._budget import parse_memory_budget, parse_size
 
 from ._blocks import find_blocks
-from ._measure import Option, measure, options_for, wrap
-from ._peak import PeakInfeasible, plan_peak
+from ._measure import Option, measure, options_for, wrap, wrap_segment
+from ._peak import PeakInfeasible, chosen_keys, plan_peak
 from ._pose import pose, union_bytes
 from ._solve import Infeasible, solve
 
@@ -61,6 +61,9 @@ class BlockChoice:
     no_checkpoint_bytes: int
     recompute_flops: int
     forward_flops: int
+    # A block of a segment (one checkpoint over consecutive blocks, planned for a peak):
+    # the names of its first and last blocks; its choice reads "segment blocks.0-3".
+    segment: tuple[str, str] | None = None
 
     @property
     def option(self) -> Option:
@@ -106,7 +109,8 @@ class CheckpointPlan:
     def apply(self, model: nn.Module) -> nn.Module:
         """Apply the plan to ``model`` in place (the model it was planned on, or one built the
         same way) and return it. Checkpointed blocks become ``CheckpointWrapper`` /
-        ``OffloadWrapper`` in their parent; parameter and state-dict names do not change."""
+        ``OffloadWrapper`` in their parent (the blocks of a segment: ``CheckpointWrapper``
+        s that share one checkpoint); parameter and state-dict names do not change."""
         for row in self.blocks:
             try:
                 module = model.get_submodule(row.name)
@@ -118,12 +122,17 @@ class CheckpointPlan:
                 raise ValueError(f"CheckpointPlan.apply: {row.name!r} is already a {type(module).__name__}; apply a plan once, to an unwrapped model")
             if type(module).__name__ != row.cls:
                 raise ValueError(f"CheckpointPlan.apply: {row.name!r} is a {type(module).__name__}, the plan was made for a {row.cls}")
+        replacements = []
         for row in self.blocks:
-            if row.kind == "none":
-                continue
-            parent_name, _, child = row.name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, wrap(model.get_submodule(row.name), row.option))
+            if row.segment is not None:
+                if row.name == row.segment[0]:
+                    names = [r.name for r in self.blocks if r.segment == row.segment]
+                    replacements.extend(zip(names, wrap_segment([model.get_submodule(n) for n in names])))
+            elif row.kind != "none":
+                replacements.append((row.name, wrap(model.get_submodule(row.name), row.option)))
+        for name, replacement in replacements:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, replacement)
         return model
 
     def summary(self) -> str:
@@ -141,7 +150,8 @@ class CheckpointPlan:
                    f"estimated, at the {where}), {saved}")
         return (
             f"{fit}, +{share:.0%} of the forward's FLOPs recomputed: {mix} "
-            f"(the fewest recompute FLOPs of all per-block choices that fit, planned in {self.planning_seconds:.2f} s)"
+            f"(the fewest recompute FLOPs of all {'per-block choices and segments' if self.peak_budget_bytes is not None else 'per-block choices'} "
+            f"that fit, planned in {self.planning_seconds:.2f} s)"
         )
 
     def _peak_lines(self) -> list[str]:
@@ -219,8 +229,15 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
     of each block, the loss and the start of the backward, each block's backward and
     recomputation with the saved bytes of the blocks before it, the optimizer step), and
     the chosen plan is verified with ``cc.estimate_memory`` (re-solved under a tighter
-    budget while over), so its estimated peak never exceeds ``peak_memory``. Not yet:
-    merging consecutive blocks into one checkpointed segment.
+    budget while over), so its estimated peak never exceeds ``peak_memory``. For a peak the
+    plan may also put consecutive blocks in one segment: one checkpoint over them that saves
+    the first block's inputs only and, in backward, recomputes them all at once (each block
+    after the first must take the previous block's output as it is; ``str(plan)`` shows
+    ``segment blocks.0-3`` on each of its rows, ``BlockChoice.segment`` names its first and
+    last blocks). A segment recomputes at least what full checkpointing of its blocks
+    does, so it is chosen only where nothing cheaper fits. None with ``world_size > 1``
+    (FSDP2 reshards a block's parameters after its forward; a segment reruns earlier blocks
+    inside a later one's backward) or with ``memory_budget``.
 
     Hugging Face models: pass ``use_cache=False`` (or set it in the config), as for any
     checkpointing: a KV cache changes between the calls the planner measures.
@@ -268,15 +285,18 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
                                    loss_fn=loss_fn, world_size=world_size, **example_kwargs)
 
         try:
-            result = plan_peak(model, measured, table, peak_budget, estimate)
+            # No segments under FSDP2: it reshards a block's parameters after its forward,
+            # and a segment's recomputation reruns earlier blocks inside a later one's backward.
+            result = plan_peak(model, measured, table, peak_budget, estimate, segments=world_size == 1,
+                               sharded=world_size > 1)
         except PeakInfeasible as e:
             raise ValueError(_infeasible_peak_message(peak_memory, peak_budget, e, measured, optimizer)) from None
-        options, budget, step = result.options, None, result.estimate
+        options, segments, budget, step = result.options, result.segments, None, result.estimate
         peak_fields = dict(peak_budget_bytes=peak_budget, predicted_peak_bytes=step.peak_bytes,
                            peak_phase=step.peak_phase, peak_module=step.peak_module,
                            peak_breakdown=dict(step.breakdown))
     else:
-        budget = parsed.bytes_of(baseline)
+        budget, segments = parsed.bytes_of(baseline), ()
         try:
             options = solve(table, budget).options
         except Infeasible as e:
@@ -286,27 +306,40 @@ def plan(model: nn.Module, *example_inputs: Any, memory_budget: float | int | st
                 f"({e.smallest / max(baseline, 1):.4f} of the {baseline} activation bytes saved with no checkpointing)"
             ) from None
     outside = measured.outside
+    chosen = chosen_keys(measured, options, segments)
+    names = [b.name for b in measured.blocks]
+    spans = {k: (names[first], names[last]) for first, last in segments for k in range(first, last + 1)}
     rows = tuple(
         BlockChoice(
-            name=b.name, cls=b.cls, choice=b.options[a].label, kind=b.options[a].kind,
-            policy=b.options[a].policy, policy_args=b.options[a].policy_args,
-            saved_bytes=sum(measured.sizes[k] for k in b.saved[a] - outside),
-            no_checkpoint_bytes=sum(measured.sizes[k] for k in b.saved[0] - outside),
-            recompute_flops=b.recompute_flops[a], forward_flops=b.forward_flops,
+            name=b.name, cls=b.cls, choice=_segment_label(*spans[k]) if k in spans else b.options[a].label,
+            kind=b.options[a].kind, policy=b.options[a].policy, policy_args=b.options[a].policy_args,
+            saved_bytes=sum(measured.sizes[key] for key in keys - outside),
+            no_checkpoint_bytes=sum(measured.sizes[key] for key in b.saved[0] - outside),
+            # A segment's blocks but its last rerun their whole forward (the next one needs the output).
+            recompute_flops=b.forward_flops if k in spans and b.name != spans[k][1] else b.recompute_flops[a],
+            forward_flops=b.forward_flops, segment=spans.get(k),
         )
-        for b, a in zip(measured.blocks, options)
+        for k, (b, a, keys) in enumerate(zip(measured.blocks, options, chosen))
     )
     return CheckpointPlan(
         blocks=rows,
         budget_bytes=budget,
         baseline_saved_bytes=baseline,
-        predicted_saved_bytes=union_bytes(measured.sizes, outside, [s[a] for s, a in zip(saved, options)]),
+        predicted_saved_bytes=union_bytes(measured.sizes, outside, chosen),
         predicted_recompute_flops=sum(r.recompute_flops for r in rows),
         outside_saved_bytes=sum(measured.sizes[k] for k in outside),
         forward_flops=measured.forward_flops,
         planning_seconds=time.perf_counter() - start,
         **peak_fields,
     )
+
+
+def _segment_label(first: str, last: str) -> str:
+    """"segment blocks.0-3" for the segment of blocks.0 .. blocks.3."""
+    prefix, _, rest = last.rpartition(".")
+    if prefix and first.startswith(prefix + "."):
+        return f"segment {first}-{rest}"
+    return f"segment {first}-{last}"
 
 
 def _where(phase: str | None, module: str | None) -> str:
@@ -336,13 +369,17 @@ def _infeasible_peak_message(peak_memory, budget: int, e: PeakInfeasible, measur
     if in_block:
         held = f"activations and temporaries {format_bytes(moving)} inside block {module} (its own working set)"
     elif step.peak_phase in ("loss", "backward"):
-        chosen_keys = set().union(*(b.saved[a] for b, a in zip(measured.blocks, e.options))) - measured.outside
-        by_blocks = min(sum(measured.sizes[k] for k in chosen_keys), moving)
+        keys = set().union(*chosen_keys(measured, e.options, e.segments)) - measured.outside
+        by_blocks = min(sum(measured.sizes[k] for k in keys), moving)
         held = (f"the blocks' saved activations at their least {format_bytes(by_blocks)} + the loss and the head "
                 f"{format_bytes(moving - by_blocks)} (logits, their gradient, what the head saves)")
     else:
         held = f"activations and temporaries {format_bytes(moving)}"
-    chosen = ", ".join(f"{b.name}: {b.options[a].label}" for b, a in zip(measured.blocks, e.options))
+    blocks = measured.blocks
+    starts = dict(e.segments)
+    inside = {k for first, last in e.segments for k in range(first + 1, last + 1)}
+    chosen = ", ".join(_segment_label(b.name, blocks[starts[k]].name) if k in starts else f"{b.name}: {b.options[a].label}"
+                       for k, (b, a) in enumerate(zip(blocks, e.options)) if k not in inside)
     return (
         f"ckpt_compile.plan: peak_memory={peak_memory!r} ({format_bytes(budget)}) is below the smallest feasible step "
         f"peak, {format_bytes(step.peak_bytes)} ({step.peak_bytes} bytes, estimated by cc.estimate_memory, with {chosen}), "

@@ -25,7 +25,7 @@ from collections.abc import Hashable, Mapping, Sequence, Set
 
 from ._solve import Table
 
-__all__ = ["pose", "union_bytes"]
+__all__ = ["pose", "always_saved", "union_bytes"]
 
 
 def pose(
@@ -36,17 +36,7 @@ def pose(
 ) -> Table:
     """``saved[i][a]``: the keys option ``a`` of block ``i`` saves; ``costs[i][a]`` its
     cost (zeros when None)."""
-    where: dict[Hashable, set[int]] = {}
-    for i, options in enumerate(saved):
-        for keys in options:
-            for key in keys - outside:
-                where.setdefault(key, set()).add(i)
-    always = set(outside)
-    for key, blocks in where.items():
-        if len(blocks) == 2 and max(blocks) - min(blocks) == 1:
-            continue
-        if len(blocks) > 1:
-            always.add(key)  # see the module docstring: exact when some block always saves it
+    always = always_saved(outside, saved)
     base = sum(sizes[k] for k in always)
     options = []
     for i, per_block in enumerate(saved):
@@ -62,6 +52,23 @@ def pose(
             for here in saved[i]
         ))
     return Table(base, tuple(options), tuple(overlap))
+
+
+def always_saved(outside: Set[Hashable], saved: Sequence[Sequence[Set[Hashable]]]) -> set[Hashable]:
+    """The keys :func:`pose` counts in ``base``: saved outside the blocks, or by blocks that
+    are not neighbours."""
+    where: dict[Hashable, set[int]] = {}
+    for i, options in enumerate(saved):
+        for keys in options:
+            for key in keys - outside:
+                where.setdefault(key, set()).add(i)
+    always = set(outside)
+    for key, blocks in where.items():
+        if len(blocks) == 2 and max(blocks) - min(blocks) == 1:
+            continue
+        if len(blocks) > 1:
+            always.add(key)  # see the module docstring: exact when some block always saves it
+    return always
 
 
 def union_bytes(sizes: Mapping[Hashable, int], outside: Set[Hashable], chosen: Sequence[Set[Hashable]]) -> int:

@@ -17,22 +17,33 @@ for the moments between blocks, when exactly ``j`` blocks hold their saved bytes
 before the forward and in the optimizer step; ``n``: the loss and the start of the
 backward).
 
-:func:`solve_peak` is a dynamic programme over the chain whose state is (the previous
-block's option, a Pareto frontier of (prefix bytes, (cost, peak so far))). Pruning on that
-pair is exact: the rest of the peak depends on the prefix bytes only and grows with them,
-and a strictly cheaper partial plan beats a dearer one whatever their peaks. Checked
-against brute force in ``tests/test_plan_peak.py``.
+A segment (one checkpoint over blocks ``i .. j``, :class:`Span`) is one item of the chain
+in place of those blocks' options: it adds its saved bytes (its input) to the prefix, and
+its own figure, ``peak``, covers every moment from its first forward to its last backward
+above the bytes saved before it (its recomputation holds all its blocks' activations).
+
+:func:`solve_peak` is a dynamic programme over the positions of the chain: the partial
+plans that end at a position (after a block's option, or after a segment), grouped by what
+the next block can share with their last item (its overlap row), each group a Pareto
+frontier of (prefix bytes, (cost, peak so far)). Pruning on that pair is exact: the rest of
+the peak depends on the prefix bytes and the row only and grows with the prefix, and a
+strictly cheaper partial plan beats a dearer one whatever their peaks. Checked against
+brute force, segments included, in ``tests/test_plan_peak.py``.
 
 >>> from ckpt_compile.planner._solve import Table
 >>> table = Table(base=0, options=(((8, (0,)), (2, (5,))), ((8, (0,)), (2, (5,)))),
 ...               overlap=(((0, 0), (0, 0)),))
 >>> peaks = PeakTable(table, within=((4, 10), (4, 10)), after=(0, 0, 6))
 >>> solve_peak(peaks, 30)          # 16 saved + 6 at the start of the backward
-PeakChoice(options=(0, 0), peak=22, cost=(0,))
+PeakChoice(options=(0, 0), peak=22, cost=(0,), segments=())
 >>> solve_peak(peaks, 20)          # recompute the first: 2 saved + 8 + 6 at the start of the backward
-PeakChoice(options=(1, 0), peak=16, cost=(5,))
+PeakChoice(options=(1, 0), peak=16, cost=(5,), segments=())
 >>> smallest_peak(peaks).peak
 12
+>>> # One checkpoint over both: 1 byte saved, its recomputation at 11 (both blocks' 8 + 3).
+>>> both = PeakTable(table, peaks.within, peaks.after, spans=(Span(0, 1, 1, (10,), 11, head=1),))
+>>> smallest_peak(both)
+PeakChoice(options=(1, 1), peak=11, cost=(10,), segments=((0, 1),))
 """
 from __future__ import annotations
 
@@ -42,20 +53,42 @@ from collections.abc import Sequence
 
 from ._solve import Table, _add, _zero
 
-__all__ = ["PeakTable", "PeakChoice", "solve_peak", "smallest_peak", "peak_of", "brute_force_peak", "prefixes"]
+__all__ = ["PeakTable", "PeakChoice", "Span", "solve_peak", "smallest_peak", "peak_of", "brute_force_peak", "prefixes"]
 
 Cost = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """One checkpoint over blocks ``first .. last`` (a segment, ``last > first``).
+
+    ``nbytes``: what it saves (its input, table conventions); ``head``: the option of block
+    ``first`` whose ``overlap`` with the block before it applies (the segment saves what
+    that option saves there); ``next_overlap[b]``: bytes it shares with option ``b`` of
+    block ``last + 1``; ``cost``: its recompute; ``peak``: its highest moment, less the
+    bytes saved before it (its recomputation in the backward holds all its blocks'
+    activations at once)."""
+
+    first: int
+    last: int
+    nbytes: int
+    cost: Cost
+    peak: int
+    head: int
+    next_overlap: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class PeakTable:
     """``table``: saved bytes, costs and overlaps per block option (``table.base`` is not
     used: bytes saved outside the blocks are part of ``within`` and ``after``);
-    ``within[k][b]``, ``after[j]`` (``len(after) == n + 1``): see the module docstring."""
+    ``within[k][b]``, ``after[j]`` (``len(after) == n + 1``): see the module docstring;
+    ``spans``: the segments a plan may use instead of per-block options."""
 
     table: Table
     within: tuple[tuple[int, ...], ...]
     after: tuple[int, ...]
+    spans: tuple[Span, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.table.options)
@@ -63,15 +96,22 @@ class PeakTable:
             raise ValueError("PeakTable: within must have one figure per block option")
         if len(self.after) != n + 1:
             raise ValueError(f"PeakTable: {n} blocks need {n + 1} after figures, got {len(self.after)}")
+        for s in self.spans:
+            width = len(self.table.options[s.last + 1]) if s.last + 1 < n else 0
+            if not 0 <= s.first < s.last < n or len(s.next_overlap) != width:
+                raise ValueError(f"PeakTable: bad span {s}")
 
 
 @dataclasses.dataclass(frozen=True)
 class PeakChoice:
-    """One option index per block, with the plan's peak (as the table predicts it) and cost."""
+    """One option index per block, with the plan's peak (as the table predicts it) and cost;
+    ``segments``: the (first, last) blocks of each segment used (their blocks' entries in
+    ``options`` are the spans' ``head`` options)."""
 
     options: tuple[int, ...]
     peak: int
     cost: Cost
+    segments: tuple[tuple[int, int], ...] = ()
 
 
 def prefixes(table: Table, options: Sequence[int]) -> list[int]:
@@ -83,15 +123,36 @@ def prefixes(table: Table, options: Sequence[int]) -> list[int]:
     return out
 
 
-def peak_of(peaks: PeakTable, options: Sequence[int]) -> tuple[int, Cost]:
+def _items(peaks: PeakTable, options: Sequence[int], segments: Sequence[tuple[int, int]]):
+    """(first, last, nbytes, cost, peak above the prefix, overlap row toward the next block,
+    option of ``first`` for the overlap with the block before) of each item of a plan."""
+    table = peaks.table
+    spans = {(s.first, s.last): s for s in peaks.spans}
+    starts = {first: (first, last) for first, last in segments}
+    k, n = 0, len(options)
+    while k < n:
+        if k in starts:
+            s = spans[starts[k]]
+            yield s.first, s.last, s.nbytes, s.cost, s.peak, s.next_overlap, s.head
+            k = s.last + 1
+        else:
+            a = options[k]
+            row = table.overlap[k][a] if k + 1 < n else ()
+            yield k, k, table.options[k][a][0], table.options[k][a][1], peaks.within[k][a], row, a
+            k += 1
+
+
+def peak_of(peaks: PeakTable, options: Sequence[int], segments: Sequence[tuple[int, int]] = ()) -> tuple[int, Cost]:
     """(peak, cost) of one choice: the formula the solver optimises."""
-    prefix = prefixes(peaks.table, options)
-    peak = max(peaks.after[j] + prefix[j] for j in range(len(prefix)))
-    if options:
-        peak = max(peak, max(peaks.within[k][a] + prefix[k] for k, a in enumerate(options)))
+    prefix, row = 0, None
+    peak = peaks.after[0]
     cost = _zero(peaks.table)
-    for i, a in enumerate(options):
-        cost = _add(cost, peaks.table.options[i][a][1])
+    for first, last, nbytes, item_cost, item_peak, next_row, head in _items(peaks, options, segments):
+        peak = max(peak, prefix + item_peak)
+        prefix += nbytes - (row[head] if row else 0)
+        peak = max(peak, prefix + peaks.after[last + 1])
+        cost = _add(cost, item_cost)
+        row = next_row
     return peak, cost
 
 
@@ -109,22 +170,46 @@ def smallest_peak(peaks: PeakTable) -> PeakChoice:
 
 
 def brute_force_peak(peaks: PeakTable, budget: int) -> PeakChoice | None:
-    """Every choice tried (for tests on small tables); None when nothing fits."""
+    """Every choice tried, segments included (for tests on small tables); None when
+    nothing fits."""
     best = None
-    for options in itertools.product(*(range(len(o)) for o in peaks.table.options)):
-        peak, cost = peak_of(peaks, options)
-        if peak <= budget and (best is None or (cost, peak, options) < best):
-            best = (cost, peak, options)
-    return None if best is None else PeakChoice(best[2], best[1], best[0])
+    for options, segments in _every_choice(peaks):
+        peak, cost = peak_of(peaks, options, segments)
+        if peak <= budget and (best is None or (cost, peak) < best[:2]):
+            best = (cost, peak, options, segments)
+    return None if best is None else PeakChoice(best[2], best[1], best[0], best[3])
+
+
+def _every_choice(peaks: PeakTable):
+    n = len(peaks.table.options)
+    starting: dict[int, list[Span]] = {}
+    for s in peaks.spans:
+        starting.setdefault(s.first, []).append(s)
+
+    def rest(k: int):
+        if k == n:
+            yield (), ()
+            return
+        for a in range(len(peaks.table.options[k])):
+            for options, segments in rest(k + 1):
+                yield (a, *options), segments
+        for s in starting.get(k, ()):
+            for options, segments in rest(s.last + 1):
+                yield (s.head,) * (s.last - s.first + 1) + options, ((s.first, s.last), *segments)
+
+    yield from rest(0)
 
 
 # ---------------------------------------------------------------- the dynamic programme
 
 
 def _run(peaks: PeakTable, budget: int | None, by_cost: bool) -> PeakChoice | None:
+    """Positions 0 .. n of the chain; at each, the partial plans that end there, grouped by
+    their overlap row toward the next block (the only thing later items need of the last
+    one), each group a Pareto frontier of (prefix bytes, key). A path is a tuple of items:
+    an option index (one block), or ``-1 - s`` for span ``s`` (several)."""
     table = peaks.table
     n = len(table.options)
-    # A point: (prefix bytes, key, path, cost, peak); key orders what the solver minimises.
     start_peak = peaks.after[0]
     if budget is not None and start_peak > budget:
         return None
@@ -134,28 +219,45 @@ def _run(peaks: PeakTable, budget: int | None, by_cost: bool) -> PeakChoice | No
     def key(cost: Cost, peak: int) -> tuple:
         return (cost, peak) if by_cost else (peak, cost)
 
-    frontiers: list[list[tuple]] = [[(0, key(_zero(table), start_peak), (), _zero(table), start_peak)]]
-    previous_options = [None]
+    starting: list[list[int]] = [[] for _ in range(n)]
+    for index, s in enumerate(peaks.spans):
+        starting[s.first].append(index)
+    zero = _zero(table)
+    # arriving[k][row]: points (prefix, key, path, cost, peak) of plans covering blocks < k
+    arriving: list[dict[tuple, list]] = [{} for _ in range(n + 1)]
+    arriving[0][tuple(0 for _ in table.options[0])] = [(0, key(zero, start_peak), (), zero, start_peak)]
     for k in range(n):
-        nxt = []
-        for b, (nbytes, cost) in enumerate(table.options[k]):
-            candidates = []
-            for a, frontier in zip(previous_options, frontiers):
-                shared = table.overlap[k - 1][a][b] if k else 0
-                for prefix, _, path, so_far, peak in frontier:
+        for row, points in arriving[k].items():
+            points = _pareto(points)
+            items = [(b, k, nbytes, cost, peaks.within[k][b], b, table.overlap[k][b] if k + 1 < n else ())
+                     for b, (nbytes, cost) in enumerate(table.options[k])]
+            items += [(-1 - i, s.last, s.nbytes, s.cost, s.peak, s.head, s.next_overlap)
+                      for i in starting[k] for s in [peaks.spans[i]]]
+            for item, last, nbytes, cost, item_peak, head, next_row in items:
+                shared = row[head]
+                after = peaks.after[last + 1]
+                out = arriving[last + 1].setdefault(next_row, [])
+                for prefix, _, path, so_far, peak in points:
                     grown = prefix + nbytes - shared
-                    new_peak = max(peak, prefix + peaks.within[k][b], grown + peaks.after[k + 1])
+                    new_peak = max(peak, prefix + item_peak, grown + after)
                     if budget is not None and new_peak > budget:
                         continue
                     new_cost = _add(so_far, cost)
-                    candidates.append((grown, key(new_cost, new_peak), path + (b,), new_cost, new_peak))
-            nxt.append(_pareto(candidates))
-        frontiers = nxt
-        previous_options = list(range(len(table.options[k])))
-    best = min((point for frontier in frontiers for point in frontier), key=lambda p: (p[1], p[2]), default=None)
+                    out.append((grown, key(new_cost, new_peak), path + (item,), new_cost, new_peak))
+        arriving[k] = {}
+    best = min((p for points in arriving[n].values() for p in points), key=lambda p: (p[1], p[2]), default=None)
     if best is None:
         return None
-    return PeakChoice(best[2], best[4], best[3])
+    options: list[int] = []
+    segments = []
+    for item in best[2]:
+        if item >= 0:
+            options.append(item)
+        else:
+            s = peaks.spans[-1 - item]
+            options.extend([s.head] * (s.last - s.first + 1))
+            segments.append((s.first, s.last))
+    return PeakChoice(tuple(options), best[4], best[3], tuple(segments))
 
 
 def _pareto(points: list[tuple]) -> list[tuple]:
