@@ -88,6 +88,10 @@ _RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE
 # forward (a nondeterministic `inductor_seeds` node outside any region). Matched by name:
 # the prims exist only once torch._inductor has been imported.
 _SEEDED_RANDOM = frozenset({"prims::inductor_random", "prims::inductor_randint"})
+# The seeds those read: a few bytes, saved rather than replayed (torch 2.15 traces the
+# inductor_seeds node into the region; replaying it would run inductor's seed kernel as
+# an eager fallback, so the compiled model would draw other numbers than without regions).
+_SEEDS = frozenset({"prims::inductor_seeds"})
 
 # Annotation keys read from node.meta["custom"] (torch.fx.traceback.annotate).
 REGION_KEY = "ckpt_region"
@@ -173,6 +177,10 @@ def _is_seeded_random(node: fx.Node) -> bool:
     return isinstance(target, torch._ops.OpOverload) and target._schema.name in _SEEDED_RANDOM
 
 
+def _replayable(node: fx.Node) -> bool:
+    return node.target._schema.name not in _SEEDS and can_replay(node)
+
+
 def _keep_random_exact(graph: fx.Graph, forward: list[fx.Node]) -> None:
     random_derived: set[fx.Node] = set()
     for node in forward:
@@ -182,7 +190,7 @@ def _keep_random_exact(graph: fx.Graph, forward: list[fx.Node]) -> None:
             node.meta["ckpt_rng_exact"] = True
             node.meta["ckpt_tag_reason"] = TagReason.RANDOM_EXACT
             continue
-        if _is_random(node) and can_replay(node):
+        if _is_random(node) and _replayable(node):
             replay_random_op(graph, node)  # recomputed with the forward's RNG state
             continue
         inputs = node.all_input_nodes
