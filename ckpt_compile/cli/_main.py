@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Import FACTORY (module:function or path/to/file.py:function), call it with "
         "no arguments; it returns (model, example_inputs). Prints the plan of "
         "ckpt_compile.plan(model, *example_inputs, memory_budget=B or peak_memory=B): per block, no checkpoint, "
-        "full, a selective policy or CPU offload, with the fewest recompute FLOPs that fit.",
+        "full, a selective policy or CPU offload (for a peak, also one segment over consecutive blocks), "
+        "with the fewest recompute FLOPs that fit.",
     )
     plan.add_argument("factory", metavar="module:factory")
     budgets = plan.add_mutually_exclusive_group(required=True)
