@@ -25,6 +25,7 @@ random op itself rather than an operator it may not support.
 """
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -38,6 +39,7 @@ __all__ = ["can_replay", "is_rng_state", "replay_random_op", "replayed_op", "rng
 _DEVICES = ("cpu", "cuda")
 
 
+@functools.cache
 def _hops():
     from torch._prims import rng_prims
 

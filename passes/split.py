@@ -150,20 +150,20 @@ def _emit(graph: fx.Graph, env: dict[fx.Node, fx.Node], node: fx.Node, recompute
     A replayed random op's value (:mod:`.rng_replay`) is recomputed from its saved RNG state
     and the op's inputs, as ``run_with_rng_state``: never by running its
     ``run_and_save_rng_state`` pair again, which would draw new numbers."""
-    stack = [(node, False)]
+    stack = [(node, False, None)]
     while stack:
-        current, inputs_ready = stack.pop()
+        current, inputs_ready, state = stack.pop()
         if current in env:
             continue
-        state = rng_state_of(current)
         if not inputs_ready:
-            stack.append((current, True))
+            state = rng_state_of(current)
+            stack.append((current, True, state))
             inputs = current.all_input_nodes if state is None else [state, *current.args[0].all_input_nodes]
             for a in reversed(inputs):
                 if a not in env:
                     if a not in recompute:
                         _lookup(env, a, current)  # raises: neither saved nor recomputed
-                    stack.append((a, False))
+                    stack.append((a, False, None))
             continue
         lookup = lambda a, user=current: _lookup(env, a, user)  # noqa: E731
         if state is not None:
